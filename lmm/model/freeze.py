@@ -1,0 +1,81 @@
+"""Per-component freezing policies and the trainable/frozen parameter table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from lmm.registry import ConfigError
+
+Policy = Literal["full", "frozen", "partial"]
+
+
+@dataclass
+class FreezeConfig:
+    """Which parameters of each component train in this stage.
+
+    Args:
+        vision: ``full`` trains the tower, ``frozen`` freezes it, ``partial`` freezes the
+            patch embedding and the blocks before ``vision_from_layer``.
+        vision_from_layer: First trainable tower block under ``partial`` (e.g. 12).
+        connector: ``full`` or ``frozen``.
+        llm: ``full``, ``frozen`` or ``partial`` (token embeddings and blocks before
+            ``llm_from_layer`` frozen).
+        llm_from_layer: First trainable decoder block under ``partial``.
+    """
+
+    vision: Policy = "full"
+    vision_from_layer: int = 0
+    connector: Literal["full", "frozen"] = "full"
+    llm: Policy = "full"
+    llm_from_layer: int = 0
+
+
+def apply_policy(module: nn.Module, policy: str, blocks: nn.ModuleList | None, from_layer: int, option: str) -> None:
+    """Set ``requires_grad`` on ``module``'s parameters according to ``policy``.
+
+    Under ``partial`` the parameters registered before the blocks (embeddings) and the
+    blocks before ``from_layer`` are frozen; later blocks and what follows them (final
+    norm, output head) train. Registration order is forward order in transformers models.
+    """
+    if policy not in ("full", "frozen", "partial"):
+        raise ConfigError(f"{option}: unknown policy {policy!r}; allowed: full, frozen, partial")
+    for p in module.parameters():
+        p.requires_grad_(policy == "full")
+    if policy != "partial":
+        return
+    if blocks is None:
+        raise ConfigError(f"{option}: 'partial' needs a component with blocks")
+    if not 0 <= from_layer <= len(blocks):
+        raise ConfigError(f"{option}_from_layer={from_layer} is outside [0, {len(blocks)}] for this component")
+    block_params = {id(p) for p in blocks.parameters()}
+    trainable = {id(p) for b in list(blocks)[from_layer:] for p in b.parameters()}
+    seen_blocks = False
+    for p in module.parameters():
+        if id(p) in block_params:
+            seen_blocks = True
+            p.requires_grad_(id(p) in trainable)
+        else:
+            p.requires_grad_(seen_blocks)  # after the blocks: train; before: freeze
+
+
+def parameter_table(components: dict[str, nn.Module]) -> tuple[str, dict[str, dict[str, int]]]:
+    """A printable table of trainable / frozen parameter counts per component, and the counts."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, module in components.items():
+        seen: set[int] = set()
+        trainable = frozen = 0
+        for p in module.parameters():
+            if id(p) in seen:  # tied weights count once
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                trainable += p.numel()
+            else:
+                frozen += p.numel()
+        counts[name] = {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
+    counts["total"] = {k: sum(c[k] for c in counts.values()) for k in ("trainable", "frozen", "total")}
+    lines = [f"{'component':<10} {'trainable':>12} {'frozen':>12} {'total':>12}"]
+    lines += [f"{n:<10} {c['trainable']:>12,} {c['frozen']:>12,} {c['total']:>12,}" for n, c in counts.items()]
+    return "\n".join(lines), counts

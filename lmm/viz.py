@@ -1,0 +1,40 @@
+"""Figures for TensorBoard: images with question, reference and generated answer."""
+from __future__ import annotations
+
+import textwrap
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are only rendered to TensorBoard / files
+import matplotlib.pyplot as plt
+import torch
+
+from lmm.model.image_spec import ImageSpec
+
+
+def denormalise(pixels: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """``[3, H, W]`` normalised -> ``[H, W, 3]`` in [0, 1]."""
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    return (pixels.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+
+
+def examples_figure(batch: dict, records: list[dict], spec: ImageSpec, tokens_per_image: int,
+                    image_token_id: int, limit: int = 8):
+    """A grid of each sample's first image titled with Q / reference / generated answer."""
+    n_images = (batch["input_ids"] == image_token_id).sum(dim=1) // tokens_per_image
+    first = torch.cumsum(n_images, 0) - n_images
+    shown = [i for i in range(len(records)) if n_images[i] > 0][:limit]
+    cols = min(4, max(1, len(shown)))
+    rows = max(1, (len(shown) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, shown):
+        ax.imshow(denormalise(batch["pixel_values"][int(first[i])], spec).numpy(), interpolation="nearest")
+        r = records[i]
+        q = r["question"].replace("<image>", "").strip()
+        ok = "✓" if r.get("correct") else ""
+        ax.set_title(textwrap.fill(f"Q: {q}", 34) + f"\nref: {r['answer']}\nout: {r['text'][:40]} {ok}", fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,147 @@
+"""Freeze policies: which parameters train, which receive gradients, and the parameter table."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_SPEC, TOKENS_PER_IMAGE
+from lmm.model.freeze import FreezeConfig, apply_policy, parameter_table
+from lmm.model.lmm import IGNORE_INDEX
+
+N = TOKENS_PER_IMAGE
+
+
+def _backward(model) -> None:
+    """One loss.backward() on a 2-sample batch with an image each."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    ids = torch.tensor(
+        [[1] + [model.image_token_id] * N + [40, 41, 42, 43, 2], [1] + [model.image_token_id] * N + [50, 51, 2, 3, 3]]
+    )
+    mask = torch.tensor([[1] * (N + 6), [1] * (N + 4) + [0, 0]])
+    labels = ids.clone()
+    labels[:, : N + 2] = IGNORE_INDEX
+    labels[mask == 0] = IGNORE_INDEX
+    pv = torch.randn(2, 3, TINY_SPEC.image_size, TINY_SPEC.image_size, generator=torch.Generator().manual_seed(0))
+    loss = model(ids, mask, labels, pv)
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
+def _has_grad(p) -> bool:
+    return p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+
+def _siglip_layer_params(d: int) -> int:
+    """Parameters of one SigLIP encoder layer of width d with a 4d MLP, counted by hand."""
+    layer_norms = 2 * (2 * d)
+    attention = 4 * (d * d + d)  # q, k, v, out projections with bias
+    mlp = (d * 4 * d + 4 * d) + (4 * d * d + d)
+    return layer_norms + attention + mlp
+
+
+def test_partial_vision_full_connector_frozen_llm(fresh_lmm):
+    m = fresh_lmm
+    table = m.apply_freeze(FreezeConfig(vision="partial", vision_from_layer=1, connector="full", llm="frozen"))
+    _backward(m)
+    names = dict(m.named_parameters())
+    trains = {n for n, p in names.items() if p.requires_grad}
+    got_grad = {n for n, p in names.items() if _has_grad(p)}
+    expected = {n for n in names if n.startswith("vision.model.encoder.layers.1.") or n.startswith("connector.")}
+    assert trains == expected
+    assert got_grad == expected  # every trainable parameter gets a gradient, nothing else does
+    assert all(names[n].grad is None for n in names if n not in expected)
+    # Sanity of the naming: all three groups are present.
+    assert any(n.startswith("vision.model.embeddings.") for n in names)
+    assert any(n.startswith("vision.model.encoder.layers.0.") for n in names)
+    assert any(n.startswith("llm.") for n in names)
+
+    # The table: counts of trainable/frozen parameters, checked against a hand count.
+    d, patch, grid = TINY_SPEC.vision_width, TINY_SPEC.patch_size, TINY_SPEC.image_size // TINY_SPEC.patch_size
+    layer = _siglip_layer_params(d)
+    embeddings = (3 * patch * patch * d + d) + grid * grid * d
+    assert layer == sum(p.numel() for p in m.vision.blocks()[1].parameters())
+    text, counts = parameter_table(m.components())
+    assert counts["vision"] == {"trainable": layer, "frozen": embeddings + layer, "total": embeddings + 2 * layer}
+    dl = TINY_SPEC.llm_width
+    connector = (d * dl + dl) + (dl * dl + dl)  # mlp2x_gelu: Linear(Dv, Dl), GELU, Linear(Dl, Dl)
+    assert counts["connector"] == {"trainable": connector, "frozen": 0, "total": connector}
+    llm_total = sum(p.numel() for p in m.llm.parameters())
+    assert counts["llm"] == {"trainable": 0, "frozen": llm_total, "total": llm_total}
+    assert counts["total"]["trainable"] == layer + connector
+    assert text == table
+    assert f"{layer + connector:,}" in text.splitlines()[-1]
+
+
+def test_partial_llm_trains_later_blocks_norm_and_head(fresh_lmm):
+    m = fresh_lmm
+    m.apply_freeze(FreezeConfig(vision="frozen", connector="frozen", llm="partial", llm_from_layer=1))
+    _backward(m)
+    names = dict(m.named_parameters())
+    expected = {
+        n
+        for n in names
+        if n.startswith("llm.model.layers.1.") or n.startswith("llm.model.norm.") or n.startswith("llm.lm_head.")
+    }
+    assert any(n.startswith("llm.lm_head.") for n in expected) and any(n.startswith("llm.model.norm.") for n in expected)
+    assert {n for n, p in names.items() if p.requires_grad} == expected
+    assert {n for n, p in names.items() if _has_grad(p)} == expected
+
+
+def test_frozen_tower_runs_without_autograd_but_connector_learns(fresh_lmm):
+    m = fresh_lmm
+    m.apply_freeze(FreezeConfig(vision="frozen", connector="full", llm="frozen"))
+    _backward(m)
+    assert all(p.grad is None for p in m.vision.parameters())
+    assert all(p.grad is None for p in m.llm.parameters())
+    assert all(_has_grad(p) for p in m.connector.parameters())
+
+
+def test_partial_boundaries(fresh_lmm):
+    m = fresh_lmm
+    blocks = m.vision.blocks()
+    # from_layer 0: every block trains but the embeddings stay frozen.
+    m.apply_freeze(FreezeConfig(vision="partial", vision_from_layer=0))
+    assert all(p.requires_grad for p in blocks.parameters())
+    assert not any(p.requires_grad for p in m.vision.model.embeddings.parameters())
+    # from_layer == number of blocks: nothing in the tower trains.
+    m.apply_freeze(FreezeConfig(vision="partial", vision_from_layer=len(blocks)))
+    assert not any(p.requires_grad for p in m.vision.parameters())
+    # full / frozen are all or nothing, and re-applying a policy resets the previous one.
+    m.apply_freeze(FreezeConfig(vision="full", llm="full"))
+    assert all(p.requires_grad for p in m.parameters())
+    m.apply_freeze(FreezeConfig(vision="frozen", connector="frozen", llm="frozen"))
+    assert not any(p.requires_grad for p in m.parameters())
+
+
+@pytest.mark.parametrize("from_layer", [-1, 3, 99])
+def test_out_of_range_from_layer(fresh_lmm, from_layer):
+    with pytest.raises(ValueError) as info:
+        fresh_lmm.apply_freeze(FreezeConfig(vision="partial", vision_from_layer=from_layer))
+    assert f"model.freeze.vision_from_layer={from_layer}" in str(info.value)
+    assert "[0, 2]" in str(info.value)
+    with pytest.raises(ValueError, match="model.freeze.llm_from_layer=5"):
+        fresh_lmm.apply_freeze(FreezeConfig(llm="partial", llm_from_layer=5))
+
+
+def test_unknown_policy_and_partial_without_blocks(fresh_lmm):
+    with pytest.raises(ValueError) as info:
+        fresh_lmm.apply_freeze(FreezeConfig(vision="parital"))
+    assert "model.freeze.vision" in str(info.value) and "'parital'" in str(info.value)
+    assert "full, frozen, partial" in str(info.value)
+    with pytest.raises(ValueError, match="model.freeze.connector: 'partial' needs a component with blocks"):
+        fresh_lmm.apply_freeze(FreezeConfig(connector="partial"))
+    with pytest.raises(ValueError, match="unknown policy"):
+        apply_policy(fresh_lmm.connector, "", None, 0, "x")
+
+
+def test_parameter_table_counts_tied_weights_once():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    module = torch.nn.ModuleDict({"emb": emb, "head": head})
+    _, counts = parameter_table({"lm": module})
+    assert counts["lm"]["total"] == 40
+    module["emb"].weight.requires_grad_(False)
+    _, counts = parameter_table({"lm": module})
+    assert counts["lm"] == {"trainable": 0, "frozen": 40, "total": 40}

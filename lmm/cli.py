@@ -5,6 +5,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from lmm.callbacks import ProgressLog
 from lmm.data.datamodule import LMMDataModule
 from lmm.model.loading import MissingWeightsError
 from lmm.module import LMMModule
@@ -19,6 +20,7 @@ class LMMCLI(LightningCLI):
             LMMModule,
             LMMDataModule,
             seed_everything_default=0,
+            trainer_defaults={"callbacks": [ProgressLog()]},
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,

@@ -65,6 +65,10 @@ class GenerationConfig:
     top_p: float = 1.0
 
 
+def _last_question(conversations: list[dict]) -> str:
+    return next(t["value"] for t in reversed(conversations) if t.get("from") in ("human", "user"))
+
+
 def _as(cls, value):
     """Accept a dataclass or its dict form (Lightning checkpoints store plain dicts)."""
     return cls(**value) if isinstance(value, dict) else value
@@ -132,6 +136,7 @@ class LMMModule(L.LightningModule):
         self._step_started: float | None = None
         self._eval_records: dict[str, list[dict]] = defaultdict(list)
         self._eval_kinds: dict[str, str] = {}
+        self.test_metrics: dict[str, Any] = {}
 
     @property
     def processor(self) -> Processor:
@@ -211,10 +216,15 @@ class LMMModule(L.LightningModule):
             self.log("train/tokens_per_s", float(batch["attention_mask"].sum()) / elapsed)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm)
+        norms = {}
+        for name, module in self.model.components().items():
+            grads = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
+            if grads:
+                norms[name] = torch.linalg.vector_norm(torch.stack(grads))
+        if norms:
+            for name, norm in norms.items():
+                self.log(f"grad_norm/{name}", norm)
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(list(norms.values()))))
 
     def on_fit_end(self) -> None:
         if self.skipped:
@@ -250,7 +260,7 @@ class LMMModule(L.LightningModule):
             records.append(
                 {
                     "question_id": meta.get("question_id", meta["id"]),
-                    "question": meta["conversations"][-1]["value"] if meta["conversations"][-1]["from"] != "gpt" else meta["conversations"][-2]["value"],
+                    "question": _last_question(meta["conversations"]),
                     "text": answer,
                     "answer": str(meta.get("answer", meta.get("label", ""))),
                     "category": meta.get("category", eval_set["kind"]),
@@ -299,15 +309,14 @@ class LMMModule(L.LightningModule):
             metrics["pope_mean_f1"] = sum(pope) / len(pope)
         if self.skipped:
             metrics["skipped"] = dict(self.skipped)
-        for name, m in metrics.items():
-            if isinstance(m, dict):
-                for k, v in m.items():
-                    if isinstance(v, (int, float)) and k != "n":
-                        self.log(f"test/{name}/{k}", float(v), rank_zero_only=True)
         self._eval_records.clear()
+        self.test_metrics = metrics
         if not self.trainer.is_global_zero:
             return
-        self.print(summary_table(metrics))
+        if self.logger is not None:  # once per set, not once per dataloader as self.log would
+            scalars = {f"test/{name}/{k}": float(v) for name, m in metrics.items() if isinstance(m, dict)
+                       for k, v in m.items() if isinstance(v, (int, float)) and k != "n"}
+            self.logger.log_metrics(scalars, step=self.global_step)
         out_dir = self.results_dir or self.trainer.log_dir or "."
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
@@ -316,5 +325,5 @@ class LMMModule(L.LightningModule):
             with open(os.path.join(out_dir, f"predictions_{name}.jsonl"), "w", encoding="utf-8") as f:
                 for r in recs:
                     f.write(json.dumps(r) + "\n")
+        self.print(summary_table(metrics))
         self.print(f"Wrote metrics and predictions to {out_dir}")
-        self.test_metrics = metrics

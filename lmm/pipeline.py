@@ -36,8 +36,12 @@ def prepare(workdir: Path = WORKDIR, train_images: int | None = None) -> None:
 
 def run_cli(args: list[str]):
     """One LightningCLI run in this process (saves re-importing torch for every stage)."""
+    import warnings
+
     from lmm.cli import LMMCLI
 
+    # LightningCLI warns when args are given while sys.argv holds `tiny`; that is intended here.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return LMMCLI(args=args)
 
 

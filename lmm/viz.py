@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import textwrap
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are only rendered to TensorBoard / files
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 
 from lmm.model.image_spec import ImageSpec
 
@@ -27,7 +24,9 @@ def examples_figure(batch: dict, records: list[dict], spec: ImageSpec, tokens_pe
     shown = [i for i in range(len(records)) if n_images[i] > 0][:limit]
     cols = min(4, max(1, len(shown)))
     rows = max(1, (len(shown) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    # A bare Figure renders without pyplot, so importing this never changes a notebook's backend.
+    fig = Figure(figsize=(3.2 * cols, 4.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, shown):

@@ -1,7 +1,7 @@
 """The LightningDataModule: shard streams for fit, validation (generation) and test sets."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal, Optional
 
@@ -36,6 +36,8 @@ class LMMDataModule(L.LightningDataModule):
         val: Held-out set answered by generation at each validation.
         test: Held-out sets scored by ``lmm test``.
         template: Conversation template (``plain`` for pretraining, ``vicuna`` for chat).
+        system_prompt: Replace the template's default system prompt ("" = none); a system
+            turn inside a sample still wins.
         max_length: Token budget per sample after ``<image>`` expansion.
         batch_size: Training samples per batch and device.
         eval_batch_size: Prompts per generation batch.
@@ -52,6 +54,7 @@ class LMMDataModule(L.LightningDataModule):
         val: Optional[EvalSet] = None,
         test: Optional[list[EvalSet]] = None,
         template: str = "plain",
+        system_prompt: Optional[str] = None,
         max_length: int = 512,
         batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -66,6 +69,8 @@ class LMMDataModule(L.LightningDataModule):
         self.val_set = val
         self.test_sets = list(test or [])
         self.template = get_template(template)
+        if system_prompt is not None:
+            self.template = replace(self.template, system=system_prompt)
         self.max_length = max_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size

@@ -127,6 +127,10 @@ class WorldConfig:
     """Maximum QA turns in a finetune conversation."""
     describe_prob: float = 0.15
     """Probability that a finetune conversation gets one "Describe the image." turn."""
+    category_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
+    """Relative chance of each question category per turn, in ``CONVERSATION_CATEGORIES``
+    order (color, shape, count, position, exist); a category impossible for an image falls
+    through to the next draw."""
     short_questions_per_image: int = 2
     """Short-answer (color/shape/count/position) questions per val/test image."""
     val_pope_pairs_per_image: int = 1
@@ -152,6 +156,10 @@ class WorldConfig:
             raise ValueError("need 1 <= min_objects <= max_objects <= grid*grid")
         if not 0.0 < self.size_range[0] <= self.size_range[1] <= 1.0:
             raise ValueError("size_range must satisfy 0 < low <= high <= 1")
+        if len(self.category_weights) != len(CONVERSATION_CATEGORIES) or min(self.category_weights) < 0 \
+                or sum(self.category_weights) <= 0:
+            raise ValueError(f"category_weights needs {len(CONVERSATION_CATEGORIES)} non-negative weights "
+                             f"({', '.join(CONVERSATION_CATEGORIES)}), not all zero")
         if not 1 <= self.min_turns <= self.max_turns:
             raise ValueError("need 1 <= min_turns <= max_turns")
         if self.samples_per_shard < 1 or self.eval_samples_per_shard < 1:
@@ -428,6 +436,16 @@ def ask(
     return question, answer, category
 
 
+def _category_order(cfg: WorldConfig, rng: np.random.Generator) -> np.ndarray:
+    """Categories in random order, drawn without replacement by ``category_weights``."""
+    n = len(CONVERSATION_CATEGORIES)
+    weights = np.asarray(cfg.category_weights, dtype=float)
+    if np.all(weights == weights[0]):
+        return rng.permutation(n)  # uniform: the same stream as before weights existed
+    # Zero-weight categories are never asked.
+    return rng.choice(n, size=int((weights > 0).sum()), replace=False, p=weights / weights.sum())
+
+
 def make_conversation(
     cfg: WorldConfig, objects: Sequence[WorldObject], caption: str, rng: np.random.Generator
 ) -> list[Turn]:
@@ -437,7 +455,7 @@ def make_conversation(
     turns: list[Turn] = []
     used: set[str] = set()
     while len(turns) < n_turns - int(describe):
-        for idx in rng.permutation(len(CONVERSATION_CATEGORIES)):  # random category, fall back if impossible
+        for idx in _category_order(cfg, rng):  # random category, fall back if impossible
             turn = ask(cfg, CONVERSATION_CATEGORIES[int(idx)], objects, rng, used)
             if turn is not None:
                 break

@@ -9,10 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from lmm.data.synthetic import WorldConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 WORKDIR = Path("artifacts/tiny")  # the tiny configs name paths below this directory
+
+# The tiny world. Enough distinct train images that each is seen about once per stage:
+# with fewer, a from-scratch model memorises images by their easy features (colour,
+# layout) instead of learning shapes. Existence questions are weighted up and
+# conversations run 3-6 turns, so every image carries more supervision per image token.
+TINY_WORLD = WorldConfig(train_images=40000, category_weights=(1, 1, 1, 1, 3), min_turns=3, max_turns=6)
 
 
 def tokenizer_corpus() -> list[str]:
@@ -24,13 +33,12 @@ def tokenizer_corpus() -> list[str]:
     return world_corpus() + [f"{system} USER: ASSISTANT:"] * 20
 
 
-def prepare(workdir: Path = WORKDIR, train_images: int | None = None) -> None:
+def prepare(workdir: Path = WORKDIR, world: WorldConfig = TINY_WORLD) -> None:
     """Write the world and the tiny models unless they exist."""
-    from lmm.data.synthetic import WorldConfig, write_world
+    from lmm.data.synthetic import write_world
     from lmm.tiny import build_tiny_models
 
-    cfg = WorldConfig() if train_images is None else WorldConfig(train_images=train_images)
-    write_world(workdir / "data", cfg)
+    write_world(workdir / "data", world)
     build_tiny_models(workdir / "models", tokenizer_corpus())
 
 
@@ -65,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.perf_counter() - t, 1)
         return out
 
-    stage("prepare", prepare, WORKDIR, args.train_images)
+    world = TINY_WORLD if args.train_images is None else replace(TINY_WORLD, train_images=args.train_images)
+    stage("prepare", prepare, WORKDIR, world)
     pre = ["fit", "--config", str(CONFIGS / "pretrain.yaml")]
     if args.pretrain_steps:
         pre += ["--trainer.max_steps", str(args.pretrain_steps)]

@@ -5,7 +5,9 @@ on a directory), so CPU runs and tests exercise the real loading code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +34,10 @@ class TinySpec:
     """
 
     image_size: int = 48
-    patch_size: int = 8
+    # One patch per cell of the shapes world's 3x3 grid: each object is one token, so a
+    # question can find "the triangle" by attention. With 8-px patches (36 tokens, objects
+    # in fragments) the tiny LM never learned to search by shape on the CPU budget.
+    patch_size: int = 16
     vision_width: int = 96
     vision_layers: int = 3
     vision_heads: int = 4
@@ -73,11 +78,16 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
 
 def build_tiny_models(out_dir: str | Path, corpus: list[str], spec: TinySpec = TinySpec()) -> dict[str, Path]:
     """Write ``out_dir/vision`` (SiglipVisionModel + preprocessor config) and ``out_dir/llm``
-    (LlamaForCausalLM + tokenizer). Idempotent: existing directories are kept."""
+    (LlamaForCausalLM + tokenizer). Idempotent: models built from the same spec are kept,
+    models from another spec are rebuilt."""
     from transformers import LlamaConfig, LlamaForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     out = Path(out_dir)
     paths = {"vision": out / "vision", "llm": out / "llm"}
+    record = out / "tiny_spec.json"
+    if record.exists() and json.loads(record.read_text()) != asdict(spec):
+        for path in paths.values():
+            shutil.rmtree(path, ignore_errors=True)
     torch.manual_seed(spec.seed)
     if not (paths["vision"] / "config.json").exists():
         cfg = SiglipVisionConfig(
@@ -110,4 +120,5 @@ def build_tiny_models(out_dir: str | Path, corpus: list[str], spec: TinySpec = T
         )
         LlamaForCausalLM(cfg).save_pretrained(paths["llm"])
         tokenizer.save_pretrained(paths["llm"])
+    record.write_text(json.dumps(asdict(spec)))
     return paths

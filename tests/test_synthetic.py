@@ -314,3 +314,23 @@ def test_cli(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode != 0
+
+
+def test_category_weights_shift_the_question_mix():
+    def mix(cfg):
+        counts = defaultdict(int)
+        for i in range(200):
+            rng = syn.image_rng(cfg, "train", i)
+            for _, _, category in syn.make_conversation(cfg, syn.sample_objects(cfg, rng), "caption", rng):
+                counts[category] += 1
+        return counts
+
+    uniform = mix(syn.WorldConfig())
+    exist_heavy = mix(syn.WorldConfig(category_weights=(1, 1, 1, 1, 4)))
+    no_color = mix(syn.WorldConfig(category_weights=(0, 1, 1, 1, 1)))
+    assert exist_heavy["exist"] > 1.5 * uniform["exist"]
+    assert no_color["color"] == 0 and uniform["color"] > 0
+    with pytest.raises(ValueError, match="category_weights"):
+        syn.WorldConfig(category_weights=(1, 1, 1))
+    with pytest.raises(ValueError, match="category_weights"):
+        syn.WorldConfig(category_weights=(0, 0, 0, 0, 0))

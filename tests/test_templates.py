@@ -131,3 +131,15 @@ def test_unknown_template_lists_known_ones():
     assert "data.template" in msg and "'vicunaa'" in msg
     assert "known: plain, vicuna" in msg
     assert TEMPLATES.names() == ["plain", "vicuna"]
+
+
+def test_datamodule_system_prompt_replaces_the_default():
+    from lmm.data.datamodule import LMMDataModule
+
+    turns = parse_conversation([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}])
+    default, _ = LMMDataModule(template="vicuna").template.render(turns, "</s>")
+    assert default.startswith("A chat between")
+    none, spans = LMMDataModule(template="vicuna", system_prompt="").template.render(turns, "</s>")
+    assert none == "USER: hi ASSISTANT: yo</s>" and [none[s:e] for s, e in spans] == [" yo</s>"]
+    custom, _ = LMMDataModule(template="vicuna", system_prompt="Be brief.").template.render(turns, "</s>")
+    assert custom == "Be brief. USER: hi ASSISTANT: yo</s>"

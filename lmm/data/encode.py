@@ -12,7 +12,7 @@ import torch
 
 from lmm.data.errors import SampleError, TemplateMismatchError, UnsafeShardError
 from lmm.data.image import IMAGE_EXTENSIONS, ImageTransform, decode_image
-from lmm.data.templates import ConversationError, Template, parse_conversation
+from lmm.data.templates import ConversationError, NoAssistantTurnError, Template, parse_conversation
 from lmm.model.image_spec import ImageSpec
 
 IGNORE_INDEX = -100
@@ -106,7 +106,7 @@ class SampleEncoder:
         repeats = np.where(is_image, self.processor.num_image_tokens, 1)
         return np.repeat(ids, repeats), np.repeat(labels, repeats)
 
-    def _truncate(self, ids: np.ndarray, labels: np.ndarray, sample_id: str) -> tuple[np.ndarray, np.ndarray, int]:
+    def _truncate(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """Cut to ``max_length``; a cut inside an image span moves to the span's start and
         drops that image. Returns ids, labels and the number of images kept."""
         is_image = ids == self.processor.image_token_id
@@ -124,11 +124,13 @@ class SampleEncoder:
         turns = self._turns(meta)
         try:
             text, spans = self.template.render(turns, self.eos)
+        except NoAssistantTurnError as err:
+            raise SampleError("no_assistant", f"sample {sid!r}: {err}") from None
         except ConversationError as err:
-            raise SampleError("no_assistant" if "no assistant" in str(err) else "malformed", f"sample {sid!r}: {err}") from None
+            raise SampleError("malformed", f"sample {sid!r}: {err}") from None
         ids, labels = self._label(text, spans, sid)
         ids, labels = self._expand_images(ids, labels, len(images), sid)
-        ids, labels, kept = self._truncate(ids, labels, sid)
+        ids, labels, kept = self._truncate(ids, labels)
         if not (labels != IGNORE_INDEX).any():
             raise SampleError("overlong", f"sample {sid!r}: no answer token fits in max_length={self.max_length}")
         return {

@@ -19,6 +19,10 @@ class ConversationError(ValueError):
     """A conversation does not have the LLaVA schema or the turn structure a template needs."""
 
 
+class NoAssistantTurnError(ConversationError):
+    """A training conversation without any answer to learn from."""
+
+
 @dataclass(frozen=True)
 class Turn:
     role: Role
@@ -99,7 +103,7 @@ class Template:
             elif turn.role == "assistant":
                 emit(self.answer_prefix + turn.text + self.end_of_turn.format(eos=eos), supervised=True)
         if not add_generation_prompt and not spans:
-            raise ConversationError("conversation has no assistant turn to learn from")
+            raise NoAssistantTurnError("conversation has no assistant turn to learn from")
         if add_generation_prompt and turns[-1].role != "user":
             raise ConversationError("a generation prompt must end with a user turn")
         return "".join(parts), spans

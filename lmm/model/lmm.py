@@ -32,13 +32,13 @@ class LMM(nn.Module):
         self.vision = build_vision_tower(vision, dtype=dtype)
         self.llm = load_language_model(llm, self.tokenizer, dtype=dtype)
         text_dim = self.llm.get_input_embeddings().weight.shape[1]
-        self.connector = build_connector(connector, self.vision.hidden_size, text_dim).to(dtype)
+        self.connector = build_connector(connector, self.vision.hidden_size, text_dim, self.vision.num_tokens).to(dtype)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     @property
     def num_image_tokens(self) -> int:
         """Tokens each image occupies in the sequence (known before the model runs)."""
-        return self.vision.num_tokens
+        return self.connector.num_output_tokens
 
     def components(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "connector": self.connector, "llm": self.llm}

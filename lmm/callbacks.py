@@ -35,10 +35,9 @@ class ProgressLog(Callback):
         elapsed = time.perf_counter() - self._start
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         loss = trainer.callback_metrics.get("train/loss")
-        eta = f" | eta {(total - step) * elapsed / step:.0f}s" if total else ""
-        print(
-            f"[{trainer.state.fn.value}] step {step}{f'/{total}' if total else ''}"
-            f" | loss {float(loss):.4f}" if loss is not None else f"[{trainer.state.fn.value}] step {step}",
-            f"| {self._samples / elapsed:.1f} samples/s | {elapsed:.0f}s{eta}",
-            flush=True,
-        )
+        parts = [f"[{trainer.state.fn.value}] step {step}" + (f"/{total}" if total else "")]
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        parts.append(f"{self._samples / elapsed:.1f} samples/s")
+        parts.append(f"{elapsed:.0f}s" + (f" | eta {(total - step) * elapsed / step:.0f}s" if total else ""))
+        print(" | ".join(parts), flush=True)

@@ -216,6 +216,11 @@ class LMMModule(L.LightningModule):
             self.log("train/tokens_per_s", float(batch["attention_mask"].sum()) / elapsed)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        # A norm per parameter tensor costs real time on small CPU steps; the logger only
+        # writes every log_every_n_steps, so compute on those steps alone (Lightning's own rule).
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return
         norms = {}
         for name, module in self.model.components().items():
             grads = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,12 +45,8 @@ def prepare(workdir: Path = WORKDIR, world: WorldConfig = TINY_WORLD) -> None:
 
 def run_cli(args: list[str]):
     """One LightningCLI run in this process (saves re-importing torch for every stage)."""
-    import warnings
-
     from lmm.cli import LMMCLI
 
-    # LightningCLI warns when args are given while sys.argv holds `tiny`; that is intended here.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return LMMCLI(args=args)
 
 
@@ -61,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=None, help="images in the generated train split")
     parser.add_argument("--skip-control", action="store_true", help="skip the blank-image control test")
     args = parser.parse_args(argv)
+    # LightningCLI warns when args are given while sys.argv holds `tiny`; that is intended here.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     if not (CONFIGS / "pretrain.yaml").exists():
         parser.error(f"tiny configs not found at {CONFIGS}; run from a source checkout (pip install -e .)")
 

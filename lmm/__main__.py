@@ -1,13 +1,29 @@
-"""Entry point: Lightning subcommands plus lmm's own (``score``, ``tiny``)."""
+"""Entry point: Lightning subcommands (fit/validate/test) plus lmm's own commands.
+
+``predict`` is lmm's own (a question file answered from a checkpoint directory), not
+LightningCLI's (which ``LMMCLI`` does not offer): a researcher's predict input is LLaVA's
+question JSONL, not a shard set.
+"""
 from __future__ import annotations
 
 import importlib
 import sys
 
+# Lightning Trainer runs (LMMCLI's subcommands): name -> what it does.
+LIGHTNING_COMMANDS = {
+    "fit": "train a stage: model + data + trainer from YAML recipes (--config FILE)",
+    "validate": "one validation pass (answers scored by generation)",
+    "test": "score the data.test sets by generation; writes metrics and predictions",
+}
+
 # Subcommands that are not Lightning Trainer runs: name -> "module:function(argv)".
 EXTRA_COMMANDS = {
     "score": ("lmm.eval.score:main", "score predictions of any model against a benchmark's annotations"),
     "tiny": ("lmm.pipeline:main", "build the tiny world and models, pretrain, finetune and test on CPU"),
+    "chat": ("lmm.chat:main", "multi-turn chat about an image with a checkpoint directory (--ckpt DIR --image FILE)"),
+    "predict": ("lmm.predict:main", "answer a LLaVA question file (JSONL) with a checkpoint directory, batched"),
+    "export": ("lmm.export:main", "write a checkpoint directory as a Hugging Face LLaVA model (--ckpt DIR --out DIR)"),
+    "checkpoint": ("lmm.checkpoint_dir:main", "write a checkpoint directory from a config + weights (--config X --out DIR)"),
 }
 
 
@@ -18,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         module, func = EXTRA_COMMANDS[argv[0]][0].split(":")
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     if not argv or argv[0] in ("-h", "--help"):
-        print("lmm commands besides fit/validate/test/predict:")
-        for name, (_, doc) in EXTRA_COMMANDS.items():
-            print(f"  {name:<8} {doc}")
+        print("lmm commands (each has --help, e.g. python -m lmm fit --help):")
+        docs = {**LIGHTNING_COMMANDS, **{name: doc for name, (_, doc) in EXTRA_COMMANDS.items()}}
+        for name, doc in docs.items():
+            print(f"  {name:<10} {doc}")
         print()
+        print("Options of the Lightning commands (fit, validate, test):")
     from lmm.cli import LMMCLI
 
     LMMCLI(args=None if from_command_line else argv)

@@ -6,20 +6,23 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, is_dataclass
-from typing import Any, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Union
 
 import lightning as L
+import numpy as np
 import torch
 
 from lmm.checkpoint import load_weights, save_weights
 from lmm.data.encode import Processor
 from lmm.eval.results import is_correct, score_eval_set, summary_table
+from lmm.model.connector import ConnectorConfig, as_connector_config
 from lmm.model.freeze import FreezeConfig, parameter_table
 from lmm.model.language import LanguageConfig
-from lmm.model.lmm import LMM
+from lmm.model.lmm import LMM, GenerationConfig  # noqa: F401  (GenerationConfig: CLI type)
 from lmm.model.vision import VisionConfig
 
 log = logging.getLogger("lmm")
@@ -35,7 +38,10 @@ class OptimConfig:
         lr_llm: Learning rate of the language model's trainable parameters.
         weight_decay: Decoupled weight decay on matrices (biases and norms get none).
         betas: Adam betas.
-        warmup_ratio: Share of the total steps spent in linear warmup.
+        warmup_ratio: Share of the total steps spent in linear warmup. The total is the
+            Trainer's ``estimated_stepping_batches``: ``trainer.max_steps`` when set, else
+            ``trainer.max_epochs`` x the training loader's batches per epoch (known from the
+            shards' manifests, see ``lmm.data.shards.PlannedStream``) / gradient accumulation.
         min_lr_ratio: Final learning rate as a share of the peak (cosine end point).
     """
 
@@ -48,25 +54,32 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
 
 
-@dataclass
-class GenerationConfig:
-    """Decoding used by validation, test and predict.
-
-    Args:
-        max_new_tokens: Longest answer generated.
-        do_sample: Sample instead of greedy decoding.
-        temperature: Sampling temperature.
-        top_p: Nucleus sampling mass.
-    """
-
-    max_new_tokens: int = 16
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-
 def _last_question(conversations: list[dict]) -> str:
     return next(t["value"] for t in reversed(conversations) if t.get("from") in ("human", "user"))
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's random state (torch, CUDA, Python, NumPy) in plain types, so a checkpoint
+    holding it still loads with ``torch.load(weights_only=True)``."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def _as(cls, value):
@@ -80,13 +93,21 @@ class LMMModule(L.LightningModule):
     Args:
         vision: The vision tower.
         llm: The language model and tokenizer.
-        connector: Connector registry name (``linear``, ``mlp2x_gelu``, ``identity``, ...).
+        connector: A connector name (``linear``, ``mlp2x_gelu``, ``resampler``, ``pixel_shuffle``, ...) or a
+            name with options, e.g. ``{name: resampler, num_queries: 64}`` (fields: ``--model.connector.help
+            ConnectorConfig``).
         freeze: Freeze policy per component for this stage.
         optim: Optimizer and learning-rate schedule.
         generation: Decoding settings for validation/test.
-        init_from: Weights file (safetensors) from an earlier stage to start from.
-        save_weights: Where to write the weights (safetensors) when fit ends.
-        save_trainable_only: Write only the trainable parameters (small stage-1 files).
+        init_from: Weights file (safetensors) from an earlier stage to start from. LoRA adapters in
+            it are merged into the weights they adapt.
+        save_weights: Where to write the weights (safetensors) when fit ends. Under a ``lora``
+            policy the full file holds the merged weights.
+        save_trainable_only: Write only the trainable parameters (small stage-1 files; under
+            ``lora``, the adapters and whatever else trained).
+        save_checkpoint_dir: Directory to write a self-contained lmm checkpoint (parts, tokenizer,
+            template, generation defaults) when fit ends: what ``chat``, ``predict`` and ``export``
+            load with ``--ckpt``.
         results_dir: Where ``test`` writes metrics and predictions (default: the log dir).
         val_examples: Images with question, reference and answer shown in TensorBoard per validation.
     """
@@ -95,13 +116,14 @@ class LMMModule(L.LightningModule):
         self,
         vision: VisionConfig = VisionConfig(),
         llm: LanguageConfig = LanguageConfig(),
-        connector: str = "mlp2x_gelu",
+        connector: Union[str, ConnectorConfig] = "mlp2x_gelu",
         freeze: FreezeConfig = FreezeConfig(),
         optim: OptimConfig = OptimConfig(),
         generation: GenerationConfig = GenerationConfig(),
         init_from: Optional[str] = None,
         save_weights: Optional[str] = None,
         save_trainable_only: bool = False,
+        save_checkpoint_dir: Optional[str] = None,
         results_dir: Optional[str] = None,
         val_examples: int = 8,
     ) -> None:
@@ -115,7 +137,7 @@ class LMMModule(L.LightningModule):
             {
                 "vision": asdict(vision),
                 "llm": asdict(llm),
-                "connector": connector,
+                "connector": connector if isinstance(connector, str) else asdict(as_connector_config(connector)),
                 "freeze": asdict(self.freeze_cfg),
                 "optim": {**asdict(self.optim_cfg), "betas": list(self.optim_cfg.betas)},
                 "generation": asdict(self.gen_cfg),
@@ -130,10 +152,12 @@ class LMMModule(L.LightningModule):
         self.param_table = self.model.apply_freeze(self.freeze_cfg)
         self.save_weights_path = save_weights
         self.save_trainable_only = save_trainable_only
+        self.save_checkpoint_dir = save_checkpoint_dir
         self.results_dir = results_dir
         self.val_examples = val_examples
         self.skipped: Counter[str] = Counter()
         self._step_started: float | None = None
+        self._resume_rng: Optional[list[dict]] = None  # random states from a checkpoint, per rank
         self._eval_records: dict[str, list[dict]] = defaultdict(list)
         self._eval_kinds: dict[str, str] = {}
         self.test_metrics: dict[str, Any] = {}
@@ -172,7 +196,11 @@ class LMMModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.betas))
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
-            raise ValueError("set trainer.max_steps: shard streams have no fixed length for the LR schedule")
+            # The training loader has a length (PlannedStream), so this is only an unbounded run
+            # (max_steps: -1 with max_epochs: -1), which leaves the schedule nothing to decay over.
+            raise ValueError(
+                "the LR schedule needs a finite number of steps: set trainer.max_steps or trainer.max_epochs"
+            )
         warmup = int(cfg.warmup_ratio * total)
 
         def factor(step: int) -> float:
@@ -205,8 +233,40 @@ class LMMModule(L.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._resume_rng is not None:
+            self._restore_rng()
         if self._step_started is None:
             self._step_started = time.perf_counter()
+
+    # -- exact resume: random state ------------------------------------------------------------
+    # Lightning checkpoints hold weights, optimizer, scheduler and loop state but not the random
+    # state, so after a resume dropout (e.g. LoRA's) would draw other masks than the
+    # uninterrupted run and the weights would drift apart. Each rank's state is saved with the
+    # checkpoint and restored just before the first resumed training step: whatever ran in
+    # between (setup, sanity validation) cannot shift it. The data loaders draw their worker
+    # seeds from their own generators (lmm.data.shards), not from this state.
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = _rng_state()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)  # every rank runs this hook (Lightning saves on all ranks)
+        else:
+            states = [state]
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resume_rng = checkpoint.get("rng_states")
+
+    def _restore_rng(self) -> None:
+        states, self._resume_rng = self._resume_rng, None
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if len(states) == world:
+            _set_rng_state(states[rank])
+        else:
+            log.warning("the checkpoint's random state is from %d process(es), this run has %d: not restored, so "
+                        "dropout draws other masks than the uninterrupted run would have", len(states), world)
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -237,19 +297,51 @@ class LMMModule(L.LightningModule):
         if self.save_weights_path and self.trainer.is_global_zero:
             n = save_weights(self.model, self.save_weights_path, self.save_trainable_only)
             self.print(f"Wrote {n} tensors to {self.save_weights_path}")
+        if self.save_checkpoint_dir and self.trainer.is_global_zero:
+            self._write_checkpoint_dir()
+
+    def _write_checkpoint_dir(self) -> None:
+        from lmm.checkpoint_dir import save_checkpoint_dir
+
+        dm = getattr(self.trainer, "datamodule", None)
+        template = getattr(dm, "template", None)
+        if template is None:
+            raise ValueError("model.save_checkpoint_dir needs the LMMDataModule (its template goes into the checkpoint)")
+        hp = self.hparams
+        out = save_checkpoint_dir(
+            self.model,
+            self.save_checkpoint_dir,
+            vision=VisionConfig(**hp["vision"]),
+            llm=LanguageConfig(**hp["llm"]),
+            connector=hp["connector"],
+            template=template,
+            max_length=dm.max_length,
+            generation=self.gen_cfg,
+        )
+        self.print(f"Wrote lmm checkpoint directory {out} (python -m lmm chat --ckpt {out})")
 
     # -- generation-based evaluation ---------------------------------------------------------
 
+    def _stop_token_ids(self) -> list[int]:
+        """The template's end-of-turn token, so answers stop where training taught them to.
+
+        ``stop_token_ids`` binds the template to the tokenizer first: for the ``tokenizer``
+        template that is the chat template's end-of-turn (Gemma-it's ``<end_of_turn>``,
+        ChatML's ``<|im_end|>``), not only eos."""
+        if getattr(self, "_stop_ids", None) is None:
+            from lmm.predict import stop_token_ids
+
+            template = getattr(getattr(self.trainer, "datamodule", None), "template", None)
+            self._stop_ids = stop_token_ids(self.model.tokenizer, template) if template is not None else []
+        return self._stop_ids
+
     def _generate(self, batch: dict) -> list[str]:
-        g = self.gen_cfg
         out = self.model.generate(
             batch["input_ids"],
             batch["attention_mask"],
             batch["pixel_values"],
-            max_new_tokens=g.max_new_tokens,
-            do_sample=g.do_sample,
-            temperature=g.temperature,
-            top_p=g.top_p,
+            stop_token_ids=self._stop_token_ids(),
+            **self.gen_cfg.kwargs(),
         )
         return [t.strip() for t in self.model.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
@@ -261,9 +353,11 @@ class LMMModule(L.LightningModule):
         eval_set = batch["eval_set"]
         self._eval_kinds[eval_set["name"]] = eval_set["kind"]
         records = []
-        for meta, answer in zip(batch["meta"], answers):
+        orders = batch.get("order") or [None] * len(answers)
+        for meta, answer, order in zip(batch["meta"], answers, orders):
             records.append(
                 {
+                    "order": order,  # place in the unsplit eval set; dropped after the gather
                     "question_id": meta.get("question_id", meta["id"]),
                     "question": _last_question(meta["conversations"]),
                     "text": answer,
@@ -299,15 +393,25 @@ class LMMModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._record(batch)
 
+    def _gather_kinds(self) -> dict[str, str]:
+        """Eval sets (name -> kind) seen on any rank (a rank may get no sample of a small set)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return dict(self._eval_kinds)
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, dict(self._eval_kinds))
+        kinds: dict[str, str] = {}
+        for part in gathered:  # same merge order on every rank: the gathers below line up
+            kinds.update(part)
+        return kinds
+
     def on_test_epoch_end(self) -> None:
-        per_set = dict(self._eval_records)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, per_set)
-            per_set = defaultdict(list)
-            for part in gathered:
-                for name, recs in part.items():
-                    per_set[name].extend(recs)
+        from lmm.predict import gather_in_order
+
+        # Every rank (and dataloader worker) saw a different slice of each set: gather them
+        # and restore the sets' original order, so prediction files and "first N" views
+        # do not depend on the number of devices or workers.
+        self._eval_kinds = self._gather_kinds()
+        per_set = {name: gather_in_order(self._eval_records.get(name, [])) for name in self._eval_kinds}
         metrics = {name: score_eval_set(self._eval_kinds.get(name, "short_answer"), recs) for name, recs in per_set.items()}
         pope = [m["f1"] for n, m in metrics.items() if self._eval_kinds.get(n) == "pope"]
         if pope:

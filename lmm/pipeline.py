@@ -22,7 +22,10 @@ WORKDIR = Path("artifacts/tiny")  # the tiny configs name paths below this direc
 # with fewer, a from-scratch model memorises images by their easy features (colour,
 # layout) instead of learning shapes. Existence questions are weighted up and
 # conversations run 3-6 turns, so every image carries more supervision per image token.
-TINY_WORLD = WorldConfig(train_images=40000, category_weights=(1, 1, 1, 1, 3), min_turns=3, max_turns=6)
+TINY_WORLD = WorldConfig(
+    train_images=40000, size_range=(0.7, 0.9), category_weights=(1, 1, 1, 1, 3), min_turns=3, max_turns=6,
+    image_after_question=True,
+)
 
 
 def tokenizer_corpus() -> list[str]:

@@ -5,6 +5,7 @@ on a directory), so CPU runs and tests exercise the real loading code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -79,13 +80,14 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
 def build_tiny_models(out_dir: str | Path, corpus: list[str], spec: TinySpec = TinySpec()) -> dict[str, Path]:
     """Write ``out_dir/vision`` (SiglipVisionModel + preprocessor config) and ``out_dir/llm``
     (LlamaForCausalLM + tokenizer). Idempotent: models built from the same spec are kept,
-    models from another spec are rebuilt."""
+    models from another spec or tokenizer corpus are rebuilt."""
     from transformers import LlamaConfig, LlamaForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     out = Path(out_dir)
     paths = {"vision": out / "vision", "llm": out / "llm"}
     record = out / "tiny_spec.json"
-    if record.exists() and json.loads(record.read_text()) != asdict(spec):
+    wanted = {**asdict(spec), "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest()}
+    if record.exists() and json.loads(record.read_text()) != wanted:
         for path in paths.values():
             shutil.rmtree(path, ignore_errors=True)
     torch.manual_seed(spec.seed)
@@ -120,5 +122,5 @@ def build_tiny_models(out_dir: str | Path, corpus: list[str], spec: TinySpec = T
         )
         LlamaForCausalLM(cfg).save_pretrained(paths["llm"])
         tokenizer.save_pretrained(paths["llm"])
-    record.write_text(json.dumps(asdict(spec)))
+    record.write_text(json.dumps(wanted))
     return paths

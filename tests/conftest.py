@@ -114,6 +114,20 @@ def fresh_lmm(_session_lmm):
     return copy.deepcopy(_session_lmm)
 
 
+def image_text_batch(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 2-sample (ids, mask, labels, pixels) batch with one image each, the second row padded."""
+    n = TOKENS_PER_IMAGE
+    ids = torch.tensor(
+        [[1] + [model.image_token_id] * n + [40, 41, 42, 43, 2], [1] + [model.image_token_id] * n + [50, 51, 2, 3, 3]]
+    )
+    mask = torch.tensor([[1] * (n + 6), [1] * (n + 4) + [0, 0]])
+    labels = ids.clone()
+    labels[:, : n + 2] = -100  # image span and the first text token are not supervised
+    labels[mask == 0] = -100
+    pv = torch.randn(2, 3, TINY_SPEC.image_size, TINY_SPEC.image_size, generator=torch.Generator().manual_seed(0))
+    return ids, mask, labels, pv
+
+
 def png_bytes(color=(200, 30, 30), size: int = 20) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="PNG")

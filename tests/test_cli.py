@@ -34,12 +34,34 @@ def base_args(tiny_models, tiny_world) -> list[str]:
     ]  # fmt: skip
 
 
-def test_main_help_lists_extra_commands(capsys):
+ALL_COMMANDS = ["fit", "validate", "test", "predict", "score", "tiny", "chat", "export", "checkpoint"]
+
+
+def test_main_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as info:
         lmm_main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "score" in out and "tiny" in out and "fit" in out
+    listed = [line.split()[0] for line in out.split("\n\n")[0].splitlines()[1:]]
+    assert sorted(listed) == sorted(ALL_COMMANDS)
+    # The Lightning part offers fit/validate/test only: predict is lmm's own command.
+    assert "{fit,validate,test}" in out and "{fit,validate,test,predict}" not in out
+
+
+def test_predict_is_lmms_command_not_lightnings(capsys):
+    assert "predict" not in LMMCLI.subcommands()
+    assert set(LMMCLI.subcommands()) == {"fit", "validate", "test"}
+    # The real entry point, as a user types it: lmm's question-file predict.
+    env = {**os.environ, "COLUMNS": "120", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "lmm", "predict", "--help"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "python -m lmm predict" in proc.stdout and "--questions" in proc.stdout and "--ckpt" in proc.stdout
+    # LightningCLI's predict is not reachable through LMMCLI.
+    with pytest.raises(SystemExit) as info:
+        LMMCLI(args=["predict", "--help"])
+    assert info.value.code != 0
+    assert "predict" in capsys.readouterr().err
 
 
 def run_cli_error(args: list[str], capsys) -> tuple[int, str]:
@@ -55,12 +77,17 @@ def test_fit_help_documents_freeze_options():
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     flat = " ".join(proc.stdout.split())
-    assert "--model.freeze.vision {full,frozen,partial}" in flat
+    assert "--model.freeze.vision {full,frozen,partial,lora}" in flat
     # The field's doc line from FreezeConfig's docstring, and its type and default.
     assert "``full`` trains the tower, ``frozen`` freezes it, ``partial`` freezes the patch embedding" in flat
     assert "default: full" in flat
     assert "--model.freeze.vision_from_layer" in flat and "First trainable tower block under ``partial``" in flat
     assert "--model.connector" in flat and "--data.template" in flat and "--trainer.max_steps" in flat
+    # data.template's doc names every registered template.
+    from lmm.data.templates import TEMPLATES
+
+    doc = flat[flat.rindex("--data.template TEMPLATE"):][:800]  # the option's help, not the usage line
+    assert all(f"``{name}``" in doc for name in TEMPLATES.names()), doc
 
 
 def test_overrides_land_in_instantiated_objects(base_args):
@@ -114,13 +141,22 @@ def test_unknown_connector_lists_known_ones(base_args, capsys):
 def test_unknown_template_lists_known_ones(base_args, capsys):
     code, err = run_cli_error(base_args + ["--data.template", "vicunaa"], capsys)
     assert code == 2
-    assert "data.template: unknown template 'vicunaa'; known: plain, vicuna" in err
+    from lmm.data.templates import TEMPLATES
+
+    assert "data.template: unknown template 'vicunaa'; known: " + ", ".join(TEMPLATES.names()) in err
 
 
 def test_missing_model_directory_is_a_config_error(base_args, tmp_path, capsys):
     code, err = run_cli_error(base_args + ["--model.llm.name_or_path", str(tmp_path / "nope")], capsys)
     assert code == 2
     assert "cannot load tokenizer weights" in err and "nope" in err
+
+
+def test_offline_hub_name_says_how_to_download(base_args, capsys):
+    # conftest sets HF_HUB_OFFLINE: a hub name that is not cached cannot be fetched.
+    code, err = run_cli_error(base_args + ["--model.llm.name_or_path", "lmm-test/no-such-llm"], capsys)
+    assert code == 2
+    assert "`hf download lmm-test/no-such-llm --local-dir DIR`" in err and "huggingface-cli" not in err
 
 
 # -- a short real fit --------------------------------------------------------------------------

@@ -6,7 +6,6 @@ tokens the tokenizer gives for the text before it.
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest

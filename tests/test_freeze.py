@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_SPEC, TOKENS_PER_IMAGE
+from conftest import TINY_SPEC, TOKENS_PER_IMAGE, image_text_batch
 from lmm.model.freeze import FreezeConfig, apply_policy, parameter_table
-from lmm.model.lmm import IGNORE_INDEX
 
 N = TOKENS_PER_IMAGE
 
@@ -15,14 +14,7 @@ def _backward(model) -> None:
     """One loss.backward() on a 2-sample batch with an image each."""
     model.train()
     model.zero_grad(set_to_none=True)
-    ids = torch.tensor(
-        [[1] + [model.image_token_id] * N + [40, 41, 42, 43, 2], [1] + [model.image_token_id] * N + [50, 51, 2, 3, 3]]
-    )
-    mask = torch.tensor([[1] * (N + 6), [1] * (N + 4) + [0, 0]])
-    labels = ids.clone()
-    labels[:, : N + 2] = IGNORE_INDEX
-    labels[mask == 0] = IGNORE_INDEX
-    pv = torch.randn(2, 3, TINY_SPEC.image_size, TINY_SPEC.image_size, generator=torch.Generator().manual_seed(0))
+    ids, mask, labels, pv = image_text_batch(model)
     loss = model(ids, mask, labels, pv)
     assert torch.isfinite(loss)
     loss.backward()
@@ -128,7 +120,7 @@ def test_unknown_policy_and_partial_without_blocks(fresh_lmm):
     with pytest.raises(ValueError) as info:
         fresh_lmm.apply_freeze(FreezeConfig(vision="parital"))
     assert "model.freeze.vision" in str(info.value) and "'parital'" in str(info.value)
-    assert "full, frozen, partial" in str(info.value)
+    assert "allowed: full, frozen, partial, lora" in str(info.value)
     with pytest.raises(ValueError, match="model.freeze.connector: 'partial' needs a component with blocks"):
         fresh_lmm.apply_freeze(FreezeConfig(connector="partial"))
     with pytest.raises(ValueError, match="unknown policy"):

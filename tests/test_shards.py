@@ -9,7 +9,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 

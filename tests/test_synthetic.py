@@ -334,3 +334,22 @@ def test_category_weights_shift_the_question_mix():
         syn.WorldConfig(category_weights=(1, 1, 1))
     with pytest.raises(ValueError, match="category_weights"):
         syn.WorldConfig(category_weights=(0, 0, 0, 0, 0))
+
+
+def test_image_after_question_moves_only_the_placeholder(tmp_path: Path) -> None:
+    """``image_after_question`` writes ``question\\n<image>`` in the first human turn of
+    finetune and eval samples; images, questions and answers stay the same."""
+    runs = {}
+    for flag in (False, True):
+        cfg = small_cfg(image_after_question=flag, train_images=8, val_images=4, test_images=4)
+        out = tmp_path / str(flag)
+        manifest = syn.write_world(out, cfg, num_workers=1, progress=False)
+        runs[flag] = {split: read_split(out, manifest, split) for split in ("finetune", "test/short_answer")}
+    for split, before in runs[False].items():
+        after = runs[True][split]
+        assert [s["png"] for s in before] == [s["png"] for s in after]
+        for b, a in zip(before, after):
+            first_b, first_a = b["json"]["conversations"][0]["value"], a["json"]["conversations"][0]["value"]
+            question = first_b.removeprefix("<image>\n")
+            assert first_b == "<image>\n" + question and first_a == question + "\n<image>"
+            assert b["json"]["conversations"][1:] == a["json"]["conversations"][1:]

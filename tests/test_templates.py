@@ -129,8 +129,9 @@ def test_unknown_template_lists_known_ones():
         get_template("vicunaa")
     msg = str(info.value)
     assert "data.template" in msg and "'vicunaa'" in msg
-    assert "known: plain, vicuna" in msg
-    assert TEMPLATES.names() == ["plain", "vicuna"]
+    expected = ["chatml", "gemma", "phi", "plain", "qwen2_base", "qwen2_instruct", "tokenizer", "vicuna"]
+    assert "known: " + ", ".join(expected) in msg
+    assert TEMPLATES.names() == expected
 
 
 def test_datamodule_system_prompt_replaces_the_default():
@@ -143,3 +144,45 @@ def test_datamodule_system_prompt_replaces_the_default():
     assert none == "USER: hi ASSISTANT: yo</s>" and [none[s:e] for s, e in spans] == [" yo</s>"]
     custom, _ = LMMDataModule(template="vicuna", system_prompt="Be brief.").template.render(turns, "</s>")
     assert custom == "Be brief. USER: hi ASSISTANT: yo</s>"
+
+
+@pytest.mark.parametrize("name, end", [("phi", "<|endoftext|>"), ("gemma", "<eos>"), ("qwen2_base", "<|endoftext|>"),
+                                       ("qwen2_instruct", "<|im_end|>")])
+def test_family_vicuna_variants_differ_only_in_end_of_turn(name, end):
+    """TinyLLaVA's per-family templates: Vicuna turns, each family's own end-of-turn token."""
+    text, spans = get_template(name).render(parse_conversation(CONV), EOS)
+    vicuna_text, vicuna_spans = get_template("vicuna").render(parse_conversation(CONV), EOS)
+    assert text == vicuna_text.replace(EOS, end)
+    assert [text[s:e] for s, e in spans] == [" red" + end, " No" + end]
+    shift = len(end) - len(EOS)
+    assert spans == [(vicuna_spans[0][0], vicuna_spans[0][1] + shift), (vicuna_spans[1][0] + shift, vicuna_spans[1][1] + 2 * shift)]
+    # The literal end token, whatever the tokenizer's eos is.
+    assert get_template(name).stop_string("</s>") == end
+
+
+def test_chatml_render_exact_text_and_spans():
+    text, spans = get_template("chatml").render(parse_conversation(CONV), EOS)
+    p1 = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+          "<|im_start|>user\n<image>\nWhat color is the circle?<|im_end|>\n<|im_start|>assistant\n")
+    p2 = "\n<|im_start|>user\nIs there a square?<|im_end|>\n<|im_start|>assistant\n"
+    assert text == p1 + "red<|im_end|>" + p2 + "No<|im_end|>\n"
+    # The answer and <|im_end|> are supervised; the newline after <|im_end|> is not.
+    s1 = len(p1)
+    s2 = s1 + len("red<|im_end|>") + len(p2)
+    assert spans == [(s1, s1 + len("red<|im_end|>")), (s2, s2 + len("No<|im_end|>"))]
+    prompt, _ = get_template("chatml").render(parse_conversation(CONV[:3]), EOS, add_generation_prompt=True)
+    assert prompt == p1 + "red<|im_end|>" + p2
+    assert get_template("chatml").stop_string(EOS) == "<|im_end|>"
+
+
+def test_tokenizer_template_needs_binding(tokenizer):
+    template = get_template("tokenizer")
+    with pytest.raises(RuntimeError, match="must be bound to a tokenizer"):
+        template.render(parse_conversation(CONV), EOS)
+    # Unbound, only eos is known to stop generation.
+    assert template.stop_string(EOS) == EOS
+    # The tiny Llama tokenizer has no chat template of its own.
+    from lmm.data.errors import TemplateMismatchError
+
+    with pytest.raises(TemplateMismatchError, match="has none; choose a named template: chatml, gemma"):
+        template.bind(tokenizer)

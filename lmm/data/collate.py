@@ -36,4 +36,6 @@ def collate(samples: list[dict[str, Any]], pad_id: int, left: bool = False) -> d
         batch["labels"] = _pad([s["labels"] for s in samples], IGNORE_INDEX, left)
     if "meta" in samples[0]:
         batch["meta"] = [s["meta"] for s in samples]
+    if "order" in samples[0]:
+        batch["order"] = [s["order"] for s in samples]
     return batch

@@ -1,16 +1,21 @@
 """The LightningDataModule: shard streams for fit, validation (generation) and test sets."""
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 
 from lmm.data.collate import collate
 from lmm.data.encode import Processor, SampleEncoder
-from lmm.data.shards import ShardStream, expand_shards, make_loader
+from lmm.data.mixing import MixIndex, ShardSet, as_shard_sets, describe_mix
+from lmm.data.shards import PlannedStream, ResumableLoader, ShardStream, expand_shards, make_loader
 from lmm.data.templates import get_template
+
+log = logging.getLogger("lmm")
 
 
 @dataclass
@@ -31,26 +36,51 @@ class EvalSet:
 class LMMDataModule(L.LightningDataModule):
     """Streams WebDataset shards in the LLaVA conversation schema.
 
+    Training follows a deterministic epoch plan (see ``lmm.data.mixing``): shards of all
+    sets are split across ranks and workers so that no two ranks see the same sample in an
+    epoch and every rank gets the same number of batches; the position ("batches consumed in
+    epoch e") is saved in Lightning checkpoints and a resumed run continues with exactly the
+    batches the uninterrupted run would have seen.
+
     Args:
-        train: Shard patterns (brace/glob) for training; their samples are pooled.
+        train: Training shards: a list of shard patterns (brace/glob; each a set of weight 1)
+            and/or weighted sets ``{shards: pattern(s), weight: 2.0, name: ...}``, e.g.
+            ``[{shards: data/llava665k/shard-*.tar, weight: 1.0},
+            {shards: data/sharegpt4v_cap100k/shard-*.tar, weight: 0.5}]``.
         val: Held-out set answered by generation at each validation.
         test: Held-out sets scored by ``lmm test``.
-        template: Conversation template (``plain`` for pretraining, ``vicuna`` for chat).
+        template: Conversation template, a name from ``lmm.data.templates.TEMPLATES``:
+            ``plain`` (pretraining: image, then caption), the Vicuna-style chat format with
+            each family's end-of-turn (``vicuna`` for Llama, ``phi`` for Phi-2 and StableLM-2,
+            ``gemma``, ``qwen2_base``, ``qwen2_instruct``), ``chatml`` (Qwen2-Instruct) or
+            ``tokenizer`` (the tokenizer's own chat template).
         system_prompt: Replace the template's default system prompt ("" = none); a system
             turn inside a sample still wins.
         max_length: Token budget per sample after ``<image>`` expansion.
         batch_size: Training samples per batch and device.
         eval_batch_size: Prompts per generation batch.
-        num_workers: Worker processes that decode, transform, tokenize and collate.
-        shuffle_buffer: Samples held in the shuffle buffer of each worker (0 = no shuffle).
-        seed: Seed of shard order and buffer shuffling (epoch-dependent, reproducible).
+        num_workers: Worker processes that decode, transform, tokenize and collate (any
+            number; it does not change which samples a batch holds).
+        shuffle_buffer: ``0`` turns training shuffling off (shards and samples in stored
+            order); any other value shuffles. Training shuffles by seeded permutations of
+            shards and of samples within shards (what makes exact resume possible), not
+            through a buffer; the size is kept so older configs keep working.
+        seed: Seed of the epoch plan (shard order, sample order, subsets of fractional weights).
+        group_by_length: Batch samples of similar length together, image and text-only samples
+            apart (LLaVA's ``group_by_modality_length``). Lengths come from the shards'
+            ``manifest.json`` (text tokens + images x tokens per image).
+        group_window: Batches per grouping window: samples are sorted by length within windows
+            of ``group_window x batch_size`` samples, then the window's batches are shuffled.
+        strict_resume: A checkpoint whose data position was saved with another mix, batch
+            size, seed, grouping or number of devices is an error; ``false`` restarts that
+            epoch from its first batch instead.
         blank_images: Replace every image by a blank one (control: are answers from the image?).
         processor: Tokenizer and image facts; linked from the model by the CLI.
     """
 
     def __init__(
         self,
-        train: Optional[list[str]] = None,
+        train: Optional[list[Union[str, ShardSet]]] = None,
         val: Optional[EvalSet] = None,
         test: Optional[list[EvalSet]] = None,
         template: str = "plain",
@@ -61,11 +91,14 @@ class LMMDataModule(L.LightningDataModule):
         num_workers: int = 1,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        group_by_length: bool = False,
+        group_window: int = 16,
+        strict_resume: bool = True,
         blank_images: bool = False,
         processor: Optional[Processor] = None,
     ) -> None:
         super().__init__()
-        self.train_patterns = list(train or [])
+        self.train_sets = as_shard_sets(list(train or []))
         self.val_set = val
         self.test_sets = list(test or [])
         self.template = get_template(template)
@@ -77,8 +110,17 @@ class LMMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        if group_window < 1:
+            raise ValueError(f"data.group_window must be >= 1, got {group_window}")
+        self.group_by_length = group_by_length
+        self.group_window = group_window
+        self.strict_resume = strict_resume
         self.blank_images = blank_images
         self.processor = processor
+        self._train_loader: Optional[ResumableLoader] = None
+        self._plan_key: Optional[dict] = None
+        self._trained: Optional[tuple[int, int]] = None  # (epoch, batches) handed to training steps
+        self._pending: Optional[dict] = None  # a loaded position not yet applied
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -94,6 +136,9 @@ class LMMDataModule(L.LightningDataModule):
     def _pad_id(self) -> int:
         return self.processor.tokenizer.pad_token_id
 
+    def _trainer_epoch(self) -> Optional[int]:
+        return getattr(self.trainer, "current_epoch", None)
+
     def _eval_loader(self, eval_set: EvalSet, option: str):
         enc = self._encoder()
         rank, world = self._placement()
@@ -105,28 +150,46 @@ class LMMDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             extra={"eval_set": {"name": eval_set.name, "kind": eval_set.kind}},
+            index_samples=True,  # results are put back in the set's order after the gather
         )
         return make_loader(stream, self.num_workers)
 
     # -- Lightning hooks -------------------------------------------------------------------
 
     def train_dataloader(self):
-        if not self.train_patterns:
+        if not self.train_sets:
             raise ValueError("data.train: no training shards configured")
         enc = self._encoder()
         rank, world = self._placement()
-        stream = ShardStream(
-            expand_shards(self.train_patterns, "data.train"),
+        index = MixIndex(self.train_sets, need_tokens=self.group_by_length)
+        stream = PlannedStream(
+            index,
             encode=enc.train_sample,
             collate=partial(collate, pad_id=self._pad_id()),
             batch_size=self.batch_size,
-            shuffle_buffer=self.shuffle_buffer,
-            shuffle_shards=True,
             seed=self.seed,
+            shuffle=self.shuffle_buffer != 0,
             rank=rank,
             world_size=world,
+            group_window=self.group_window if self.group_by_length else 0,
+            image_tokens=self.processor.num_image_tokens,
         )
-        return make_loader(stream, self.num_workers)
+        self._plan_key = {
+            "mix": index.fingerprint(),
+            "batch_size": self.batch_size,
+            "world_size": world,
+            "seed": self.seed,
+            "shuffle": stream.shuffle,
+            "group_window": stream.group_window,
+        }
+        log.info("training mix: %s", describe_mix(index, self.batch_size, world))
+        # Our __len__ is exact per rank (every rank gets the same batches, split across workers
+        # by the plan), which is what Lightning's generic IterableDataset warning doubts.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        self._train_loader = ResumableLoader(stream, self.num_workers, epoch_fn=self._trainer_epoch, state=self)
+        if self._pending is not None:
+            self._apply_pending()
+        return self._train_loader
 
     def val_dataloader(self):
         return [] if self.val_set is None else self._eval_loader(self.val_set, "data.val")
@@ -135,3 +198,52 @@ class LMMDataModule(L.LightningDataModule):
         if not self.test_sets:
             raise ValueError("data.test: no test sets configured")
         return [self._eval_loader(s, f"data.test[{i}]") for i, s in enumerate(self.test_sets)]
+
+    # -- exact resume ------------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called for the batch a training step is about to use (after Lightning's prefetch), so
+        # this, not the loader's count, is what a checkpoint taken after that step has consumed.
+        trainer = self.trainer
+        if isinstance(batch, dict) and "position" in batch and getattr(trainer, "training", False):
+            pos = batch["position"]
+            self._trained = (int(pos["epoch"]), int(pos["index"]) + 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position: ``batches`` of epoch ``epoch`` consumed, plus the plan it refers to."""
+        if self._trained is not None:
+            epoch, batches = self._trained
+        elif self.trainer is None and self._train_loader is not None and self._train_loader.position is not None:
+            epoch, batches = self._train_loader.position  # no Trainer: what the loader handed out
+        elif self._pending is not None:
+            epoch, batches = int(self._pending["epoch"]), int(self._pending["batches"])
+        else:
+            return {}
+        return {"epoch": epoch, "batches": batches, "plan": dict(self._plan_key or {})}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._pending = dict(state_dict)
+        self._trained = None
+        if self._train_loader is not None:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        state, loader = self._pending, self._train_loader
+        saved = state.get("plan") or {}
+        differs = {k: (saved[k], v) for k, v in (self._plan_key or {}).items() if k in saved and saved[k] != v}
+        if differs:
+            what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differs.items())
+            if self.strict_resume:
+                raise ValueError(
+                    f"data: the checkpoint's data position (epoch {state['epoch']}, batch {state['batches']}) belongs "
+                    f"to another epoch plan ({what}); exact resume needs the same data.train shards and weights, "
+                    "data.batch_size, data.seed, shuffling, grouping and number of devices. Set "
+                    "data.strict_resume=false to restart that epoch from its first batch instead."
+                )
+            log.warning("data: %s; epoch %s restarts from its first batch", what, state["epoch"])
+            loader.resume = (int(state["epoch"]), 0)
+        else:
+            loader.resume = (int(state["epoch"]), int(state["batches"]))

@@ -35,14 +35,15 @@ class SampleEncoder:
 
     def __init__(self, processor: Processor, template: Template, max_length: int, blank_images: bool = False) -> None:
         self.processor = processor
-        self.template = template
+        # A template sees the tokenizer once: checks its end-of-turn, or renders with it (``tokenizer``).
+        self.template = template.bind(processor.tokenizer)
         self.max_length = max_length
         self.blank_images = blank_images
         self.transform = ImageTransform(processor.image_spec)
         tok = processor.tokenizer
         self.eos = tok.eos_token
         self.eos_id = tok.eos_token_id
-        stop = template.stop_string(self.eos)
+        stop = self.template.stop_string(self.eos)
         self._stop_id = tok.convert_tokens_to_ids(stop) if stop in tok.get_vocab() else None
 
     def train_sample(self, raw: dict[str, Any]) -> dict:
@@ -126,6 +127,8 @@ class SampleEncoder:
             text, spans = self.template.render(turns, self.eos)
         except NoAssistantTurnError as err:
             raise SampleError("no_assistant", f"sample {sid!r}: {err}") from None
+        except TemplateMismatchError as err:
+            raise TemplateMismatchError(f"sample {sid!r}: {err}") from None
         except ConversationError as err:
             raise SampleError("malformed", f"sample {sid!r}: {err}") from None
         ids, labels = self._label(text, spans, sid)
@@ -148,6 +151,8 @@ class SampleEncoder:
             turns = turns[:-1]
         try:
             text, _ = self.template.render(turns, self.eos, add_generation_prompt=True)
+        except TemplateMismatchError as err:
+            raise TemplateMismatchError(f"sample {sid!r}: {err}") from None
         except ConversationError as err:
             raise SampleError("malformed", f"sample {sid!r}: {err}") from None
         ids = np.asarray(self.processor.tokenizer(text)["input_ids"], dtype=np.int64)

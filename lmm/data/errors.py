@@ -12,6 +12,18 @@ SKIP_REASONS = (
 )
 
 
+# Reasons a converter (data_prep) leaves a record out of the shards; the same names as above
+# where the meaning is the same, plus the ones only a converter can see.
+CONVERT_SKIP_REASONS = (
+    "malformed",  # not a JSON object / no valid conversation / bad "image" field
+    "no_assistant",  # no non-empty assistant answer
+    "image_missing",  # an image file does not exist (or its path leaves the image folder)
+    "image_decode",  # an image file is unreadable, truncated or corrupt (fully decoded to check)
+    "image_count",  # number of <image> tokens differs from the number of images
+    "overlong",  # text tokens + images x image tokens exceed --max-tokens
+)
+
+
 class SampleError(Exception):
     """A sample that cannot be used; ``reason`` is one of ``SKIP_REASONS``."""
 

@@ -1,4 +1,9 @@
-"""Decoding and transforming images into the tensors a vision tower takes."""
+"""Decoding and transforming images into the tensors a vision tower takes.
+
+Every PIL mode becomes 8-bit RGB (``to_rgb``), then the tower's ``ImageSpec`` decides how a
+non-square image becomes its square input (``fit_square``: resize / pad / letterbox) and how
+pixels are normalised (``ImageTransform``).
+"""
 from __future__ import annotations
 
 import io
@@ -7,9 +12,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lmm.model.image_spec import ImageSpec
+from lmm.model.image_spec import PREPROCESS_MODES, ImageSpec
+from lmm.registry import ConfigError
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
+
+WHITE = (255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+# Modes whose alpha channel PIL's convert("RGBA") keeps (premultiplied "RGBa"/"La" included).
+_WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -19,35 +30,108 @@ def decode_image(data: bytes) -> Image.Image:
     return img
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; 16/32-bit greyscale is rescaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
-        return background
-    return img.convert("RGB")
+def _round_u8(arr: np.ndarray) -> np.ndarray:
+    """Round half up to uint8 (values already in [0, 255])."""
+    return np.floor(arr + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def _greyscale_to_l(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale -> 8-bit ``L``, scaled, never clipped.
+
+    - ``I;16*`` (16-bit, the bit depth is known): ``v * 255 / 65535``.
+    - ``I`` (32-bit int, bit depth unknown) and ``F`` (float): the data is read in the smallest
+      usual range that holds it: ``[0, 1]`` (``F`` only, scaled by 255), ``[0, 255]`` (kept),
+      ``[0, 65535]`` (16-bit data, as some decoders deliver it: scaled like ``I;16``); values
+      below 0 or above 65535 are min-max stretched to ``[0, 255]``.
+    """
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode in _SIXTEEN_BIT:
+        scale_from = 65535.0
+    else:
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0 or hi > 65535:
+            span = hi - lo
+            arr = (arr - lo) * 255.0 / span if span > 0 else np.zeros_like(arr)
+            return Image.fromarray(_round_u8(arr))
+        if img.mode == "F" and hi <= 1.0:
+            scale_from = 1.0
+        elif hi <= 255:
+            scale_from = 255.0
+        else:
+            scale_from = 65535.0
+    return Image.fromarray(_round_u8(arr * 255.0 / scale_from))
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB.
+
+    - ``RGB``: unchanged. ``L``, ``1``, ``P`` (palette), ``YCbCr``: PIL's conversion.
+    - ``I;16`` / ``I`` / ``F``: see ``_greyscale_to_l`` (16-bit scaled to 8 bits, not clipped).
+    - ``CMYK``: ``R = (255 - C) * (255 - K) / 255`` (likewise G, B); no ICC profile is applied.
+    - Transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, and ``P``/``L``/``RGB``
+      with a transparent colour): alpha-composited over ``background``:
+      ``out = c * a / 255 + background * (1 - a / 255)``, rounded half up. ``ImageTransform``
+      passes the tower's mean colour, so a transparent pixel looks like padding ("no content");
+      the default here, white, is what an image viewer shows.
+    """
+    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
+        img = _greyscale_to_l(img)
+    if img.mode in _WITH_ALPHA or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:4] / 255.0
+        out = rgba[..., :3] * alpha + np.asarray(background, dtype=np.float64) * (1.0 - alpha)
+        return Image.fromarray(_round_u8(out))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def fit_square(img: Image.Image, size: int, preprocess: str, fill: tuple[int, int, int]) -> Image.Image:
+    """An RGB image -> ``size x size`` RGB by ``preprocess`` (see ``ImageSpec``).
+
+    Padding is centred with the extra row/column at the bottom/right; resampling is bicubic
+    (as the CLIP/SigLIP processors do).
+    """
+    if preprocess not in PREPROCESS_MODES:
+        raise ConfigError(
+            f"model.vision.image_preprocess: unknown mode {preprocess!r}; allowed: {', '.join(PREPROCESS_MODES)}"
+        )
+    w, h = img.size
+    if preprocess == "pad" and w != h:
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img, w, h = canvas, side, side
+    if preprocess == "letterbox" and (w, h) != (size, size):
+        scale = size / max(w, h)
+        # The longer side becomes exactly `size`; the shorter keeps the ratio (at least 1 px).
+        nw, nh = (size, max(1, round(h * scale))) if w >= h else (max(1, round(w * scale)), size)
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        if (nw, nh) != (size, size):
+            canvas = Image.new("RGB", (size, size), fill)
+            canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+            img = canvas
+        return img
+    if (w, h) != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return img
 
 
 class ImageTransform:
-    """RGB conversion, resize to the tower's square input, per-channel normalisation."""
+    """RGB conversion, fit into the tower's square input (``spec.preprocess``), normalisation."""
 
     def __init__(self, spec: ImageSpec) -> None:
         self.spec = spec
         self._mean = torch.tensor(spec.mean).view(3, 1, 1)
         self._std = torch.tensor(spec.std).view(3, 1, 1)
 
+    def prepare(self, img: Image.Image) -> Image.Image:
+        """Any PIL image -> the ``size x size`` RGB image the tower sees (before normalisation)."""
+        return fit_square(to_rgb(img, background=self.spec.fill), self.spec.size, self.spec.preprocess, self.spec.fill)
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = to_rgb(img)
-        if img.size != (self.spec.size, self.spec.size):
-            img = img.resize((self.spec.size, self.spec.size), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        """Any PIL image -> ``[3, size, size]`` normalised float tensor."""
+        rgb = self.prepare(img)
+        x = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         return (x - self._mean) / self._std
 
     def blank(self) -> torch.Tensor:

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 
 # Bump when the on-disk format or the generator changes, so that write_world
 # regenerates instead of silently reusing an outdated world.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Turn = tuple[str, str, str]
 """A single QA turn: ``(question, answer, category)``."""
@@ -64,7 +64,7 @@ POSITIONS_3X3: tuple[str, ...] = (
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
 
-CAPTION_TEMPLATES: tuple[str, ...] = ("{objects}.", "the image shows {objects}.", "this image contains {objects}.")
+CAPTION_TEMPLATES: tuple[str, ...] = ("{objects}.", "in the image: {objects}.", "the image has {objects}.")
 PRETRAIN_PROMPT = "Describe the image briefly."
 DESCRIBE_QUESTION = "Describe the image."
 IMAGE_TOKEN = "<image>"
@@ -137,6 +137,11 @@ class WorldConfig:
     """POPE-random (yes, no) question pairs per val image."""
     pope_positives: int = 3
     """POPE positives per test image (fewer if the image has fewer kinds, or fewer absent ones)."""
+    image_after_question: bool = False
+    """Write the first human turn as ``question\n<image>`` instead of ``<image>\nquestion``
+    (LLaVA's instruction data uses both orders). With the question first, every image token
+    can attend to it, so a tiny LM can mark the matching object inside the image span
+    instead of searching the image from the question."""
     seed: int = 0
     """Root seed of all random streams."""
 
@@ -340,8 +345,13 @@ def position_phrase(position: str) -> str:
 
 
 def object_phrase(shape: str, color: str, position: str) -> str:
-    """Caption fragment such as "a red circle at the top left"."""
-    return f"{_article(color)} {color} {shape} {position_phrase(position)}"
+    """Caption fragment such as "at the top left a red circle".
+
+    The position comes first: a caption then supervises "what is in this cell" token by
+    token, a direct look-up the tiny model learns early; with the position last it must
+    first find the next occupied cell, and shape features barely learned from captions.
+    """
+    return f"{position_phrase(position)} {_article(color)} {color} {shape}"
 
 
 def make_caption(cfg: WorldConfig, objects: Sequence[WorldObject], rng: np.random.Generator) -> str:
@@ -562,11 +572,16 @@ def pope_questions(
 # --------------------------------------------------------------------------- per-image sample builders
 
 
-def _conversation_json(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    """LLaVA schema; the image placeholder opens the first human turn only."""
+def with_image(cfg: WorldConfig, question: str) -> str:
+    """The first human turn: the question with the image placeholder before or after it."""
+    return f"{question}\n{IMAGE_TOKEN}" if cfg.image_after_question else f"{IMAGE_TOKEN}\n{question}"
+
+
+def _conversation_json(cfg: WorldConfig, turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """LLaVA schema; the image placeholder is in the first human turn only."""
     conv: list[dict[str, str]] = []
     for i, (question, answer) in enumerate(turns):
-        conv.append({"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if i == 0 else question})
+        conv.append({"from": "human", "value": with_image(cfg, question) if i == 0 else question})
         conv.append({"from": "gpt", "value": answer})
     return conv
 
@@ -589,10 +604,10 @@ def _train_image(cfg: WorldConfig, index: int) -> tuple[list[WorldObject], list[
     key = f"train-{index:06d}"
     objs = [o.to_json(cfg.grid) for o in objects]
     base = {"id": key, "image": f"{key}.png"}
-    pretrain = {**base, "conversations": _conversation_json([(PRETRAIN_PROMPT, caption)]), "objects": objs}
+    pretrain = {**base, "conversations": _conversation_json(cfg, [(PRETRAIN_PROMPT, caption)]), "objects": objs}
     finetune = {
         **base,
-        "conversations": _conversation_json([(q, a) for q, a, _ in turns]),
+        "conversations": _conversation_json(cfg, [(q, a) for q, a, _ in turns]),
         "categories": [c for _, _, c in turns],
         "objects": objs,
     }
@@ -622,7 +637,7 @@ def _eval_image(cfg: WorldConfig, split: str, stats: dict[str, Any], index: int)
             if category == "pope":
                 record.update(text=question, label=answer)
             record.update(
-                conversations=[{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}],
+                conversations=[{"from": "human", "value": with_image(cfg, question)}],
                 answer=answer,
                 category=category,
                 objects=objs,

@@ -2,12 +2,18 @@
 
 Labels are derived from these spans after tokenization (see ``lmm.data.encode``), so a
 template only has to say where each assistant answer starts and ends.
+
+Registry ``TEMPLATES`` (exact names): ``plain`` (pretraining), the Vicuna-style chat format
+with each family's end-of-turn (``vicuna`` = eos, for Llama; ``phi`` for Phi-2 and StableLM-2;
+``gemma``; ``qwen2_base``; ``qwen2_instruct``), ``chatml`` (Qwen2-Instruct) and ``tokenizer``
+(the tokenizer's own chat template).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
+from lmm.data.errors import TemplateMismatchError
 from lmm.registry import Registry
 
 IMAGE_TOKEN = "<image>"
@@ -55,8 +61,9 @@ class Template:
     """A chat format given by a few strings.
 
     ``{eos}`` in ``end_of_turn`` is replaced by the tokenizer's eos token. The supervised
-    span of an answer is ``assistant_open`` .. ``end_of_turn`` exclusive of the opener,
-    i.e. the answer text and the end-of-turn string.
+    span of an answer is ``answer_prefix`` + answer + ``end_of_turn``: the opener before it
+    and ``after_turn`` after it are not supervised. The end-of-turn must be one token of the
+    tokenizer (checked by :meth:`bind`), the token generation stops at.
 
     Attributes:
         name: Registry name.
@@ -66,6 +73,8 @@ class Template:
         assistant_open: Text that starts an assistant turn (also the generation prompt).
         answer_prefix: Text between ``assistant_open`` and the answer; supervised.
         end_of_turn: Text that ends an assistant turn; supervised.
+        after_turn: Text after ``end_of_turn`` before the next turn (ChatML's newline); not
+            supervised: the model stops at ``end_of_turn`` and never has to produce it.
         images_only_prompt: Drop the user's words and keep only its ``<image>`` tokens
             (the ``plain`` pretraining format).
     """
@@ -77,7 +86,20 @@ class Template:
     assistant_open: str = ""
     answer_prefix: str = ""
     end_of_turn: str = "{eos}"
+    after_turn: str = ""
     images_only_prompt: bool = False
+
+    def bind(self, tokenizer: Any) -> Template:
+        """This template checked against ``tokenizer`` (and, for templates that render with the
+        tokenizer, holding it). Called once when a stage's encoder is built."""
+        stop = self.stop_string(tokenizer.eos_token)
+        if stop not in tokenizer.get_vocab():
+            raise TemplateMismatchError(
+                f"data.template: template {self.name!r} ends each answer with {stop!r}, which is not a "
+                f"token of the tokenizer of {_tokenizer_name(tokenizer)!r} (its eos is {tokenizer.eos_token!r}); "
+                f"choose the template of this model's family: {', '.join(TEMPLATES.names())}"
+            )
+        return self
 
     def render(self, turns: list[Turn], eos: str, add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """Render ``turns``; returns the text and the ``[start, end)`` spans to supervise."""
@@ -102,14 +124,129 @@ class Template:
                 emit(self.assistant_open)
             elif turn.role == "assistant":
                 emit(self.answer_prefix + turn.text + self.end_of_turn.format(eos=eos), supervised=True)
-        if not add_generation_prompt and not spans:
-            raise NoAssistantTurnError("conversation has no assistant turn to learn from")
-        if add_generation_prompt and turns[-1].role != "user":
-            raise ConversationError("a generation prompt must end with a user turn")
+                emit(self.after_turn)
+        _check_roles(spans, turns, add_generation_prompt)
         return "".join(parts), spans
 
     def stop_string(self, eos: str) -> str:
         return self.end_of_turn.format(eos=eos)
+
+
+def _check_roles(spans: list[tuple[int, int]], turns: list[Turn], add_generation_prompt: bool) -> None:
+    if not add_generation_prompt and not spans:
+        raise NoAssistantTurnError("conversation has no assistant turn to learn from")
+    if add_generation_prompt and (not turns or turns[-1].role != "user"):
+        raise ConversationError("a generation prompt must end with a user turn")
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+# Two probe conversations: the end-of-turn of a chat template is what follows each answer.
+_PROBE = [Turn("user", "Is it red?"), Turn("assistant", "yes"), Turn("user", "And now?"), Turn("assistant", "no")]
+
+
+@dataclass(frozen=True)
+class TokenizerChatTemplate(Template):
+    """The tokenizer's own chat template (``tokenizer.apply_chat_template``).
+
+    An answer's supervised span is found by rendering prefixes of the conversation: it starts
+    where the rendering of the turns before it with a generation prompt ends, and ends where
+    the rendering through it ends, less trailing whitespace (so ChatML supervises
+    ``answer<|im_end|>`` but not the newline after it, like the ``chatml`` template). This
+    needs a prefix-stable chat template: rendering fewer turns must give a prefix of the
+    rendering of more. A template that is not (e.g. one that rewrites earlier turns) is a
+    ``TemplateMismatchError``. The end-of-turn is what the template writes after an answer,
+    found once in :meth:`bind` from a probe conversation.
+
+    ``system`` is empty by default, so the chat template's own default system prompt (if it
+    has one) applies; a ``data.system_prompt`` is passed to it as a system message.
+    A leading bos that the chat template writes is dropped from the text when the tokenizer
+    adds bos itself, so the sequence does not start with two.
+
+    Attributes:
+        tokenizer: The bound tokenizer (None until :meth:`bind`).
+        drop_bos: Remove a leading bos string from the rendering (set by :meth:`bind`).
+    """
+
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    drop_bos: bool = False
+
+    def bind(self, tokenizer: Any) -> TokenizerChatTemplate:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateMismatchError(
+                f"data.template: template {self.name!r} renders with the tokenizer's chat template, but the "
+                f"tokenizer of {_tokenizer_name(tokenizer)!r} has none; choose a named template: "
+                f"{', '.join(n for n in TEMPLATES.names() if n != self.name)}"
+            )
+        bos = tokenizer.bos_token
+        adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+        bound = replace(self, tokenizer=tokenizer, drop_bos=adds_bos)
+        text, spans = bound.render(_PROBE, tokenizer.eos_token)
+        answers = [t.text for t in _PROBE if t.role == "assistant"]
+        ends = {text[s:e][text[s:e].find(a) + len(a):].strip() for (s, e), a in zip(spans, answers)}
+        if len(ends) != 1 or not next(iter(ends)):
+            raise TemplateMismatchError(
+                f"data.template: template {self.name!r}: the chat template of {_tokenizer_name(tokenizer)!r} "
+                f"does not end every answer with the same non-empty end-of-turn (found {sorted(ends)!r}); "
+                "a model trained on it could not learn where to stop"
+            )
+        # The derived end-of-turn must be one token, as for every template.
+        return Template.bind(replace(bound, end_of_turn=ends.pop()), tokenizer)
+
+    def stop_string(self, eos: str) -> str:
+        if self.tokenizer is None:  # unbound: only eos is known to stop; bind() finds the real one
+            return eos
+        # The literal text the chat template writes after an answer (no {eos} field to fill).
+        return self.end_of_turn
+
+    def _chat(self, messages: list[dict[str, str]], generation: bool) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        except TemplateError as err:  # the template's own raise_exception, e.g. "System role not supported"
+            raise ConversationError(f"the tokenizer's chat template (template {self.name!r}) rejected the conversation: {err}") from None
+        bos = self.tokenizer.bos_token
+        if self.drop_bos and text.startswith(bos):
+            text = text[len(bos):]
+        return text
+
+    def render(self, turns: list[Turn], eos: str, add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        if self.tokenizer is None:
+            raise RuntimeError(f"template {self.name!r} must be bound to a tokenizer first: template.bind(tokenizer)")
+        messages = [{"role": t.role, "content": t.text} for t in turns]
+        if self.system and (not turns or turns[0].role != "system"):
+            messages.insert(0, {"role": "system", "content": self.system})
+        full = self._chat(messages, add_generation_prompt)
+        spans: list[tuple[int, int]] = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._chat(messages[:k], generation=True)
+            through = self._chat(messages[: k + 1], generation=False)
+            n = len(spans) + 1
+            checks = ((before, through, f"the turns before answer {n}", f"the turns through answer {n}"),
+                      (through, full, f"the turns through answer {n}", "the whole conversation"))
+            for shorter, longer, short_name, long_name in checks:
+                if not longer.startswith(shorter):
+                    at = next((i for i, (a, b) in enumerate(zip(shorter, longer)) if a != b), len(longer))
+                    raise TemplateMismatchError(
+                        f"template {self.name!r}: the tokenizer's chat template is not prefix-stable: its rendering "
+                        f"of {short_name} is not a prefix of its rendering of {long_name} (they differ at char {at}: "
+                        f"{shorter[at:at + 20]!r} vs {longer[at:at + 20]!r}), so the answer cannot be located; "
+                        "use a named template instead"
+                    )
+            start, end = len(before), len(through.rstrip())
+            if message["content"].strip() not in through[start:end]:
+                raise TemplateMismatchError(
+                    f"template {self.name!r}: answer {n} does not appear where the tokenizer's chat "
+                    f"template renders the assistant turn ({through[start:end]!r})"
+                )
+            spans.append((start, end))
+        _check_roles(spans, turns, add_generation_prompt)
+        return full, spans
 
 
 TEMPLATES: Registry[Template] = Registry("template")
@@ -117,21 +254,49 @@ TEMPLATES: Registry[Template] = Registry("template")
 # LLaVA's pretraining format: the image, then the caption; the prompt's words are dropped.
 TEMPLATES.add("plain", Template(name="plain", images_only_prompt=True))
 
-# Vicuna v1 format used by LLaVA-1.5 and TinyLLaVA's Llama recipes.
-TEMPLATES.add(
-    "vicuna",
-    Template(
-        name="vicuna",
-        system=(
-            "A chat between a curious user and an artificial intelligence assistant. "
-            "The assistant gives helpful, detailed, and polite answers to the user's questions."
-        ),
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def vicuna_style(name: str, end_of_turn: str) -> Template:
+    """The Vicuna v1 format LLaVA-1.5 and TinyLLaVA use (``SYSTEM USER: q ASSISTANT: a<end>``),
+    with a family's own end-of-turn token."""
+    return Template(
+        name=name,
+        system=VICUNA_SYSTEM,
         user_format="USER: {text} ",
         assistant_open="ASSISTANT:",
         answer_prefix=" ",
-        end_of_turn="{eos}",
+        end_of_turn=end_of_turn,
+    )
+
+
+# Vicuna with the tokenizer's eos: Llama / TinyLlama (TinyLLaVA's "llama" template, "</s>").
+TEMPLATES.add("vicuna", vicuna_style("vicuna", "{eos}"))
+# TinyLLaVA's per-family variants: the same turns, each family's end-of-turn token.
+TEMPLATES.add("phi", vicuna_style("phi", "<|endoftext|>"))  # Phi-2 and StableLM-2
+TEMPLATES.add("gemma", vicuna_style("gemma", "<eos>"))
+TEMPLATES.add("qwen2_base", vicuna_style("qwen2_base", "<|endoftext|>"))
+TEMPLATES.add("qwen2_instruct", vicuna_style("qwen2_instruct", "<|im_end|>"))
+
+# ChatML as Qwen2/Qwen2.5-Instruct are trained on; the newline after <|im_end|> is not supervised.
+TEMPLATES.add(
+    "chatml",
+    Template(
+        name="chatml",
+        system="You are a helpful assistant.",
+        system_format="<|im_start|>system\n{text}<|im_end|>\n",
+        user_format="<|im_start|>user\n{text}<|im_end|>\n",
+        assistant_open="<|im_start|>assistant\n",
+        end_of_turn="<|im_end|>",
+        after_turn="\n",
     ),
 )
+
+# Whatever the tokenizer's chat_template says (Qwen2-Instruct, Gemma-it, TinyLlama-Chat, ...).
+TEMPLATES.add("tokenizer", TokenizerChatTemplate(name="tokenizer"))
 
 
 def get_template(name: str) -> Template:

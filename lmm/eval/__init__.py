@@ -1,4 +1,5 @@
-"""Benchmark scorers (pure Python: no torch import anywhere under ``lmm.eval``).
+"""Benchmark scorers (pure Python: no torch import anywhere under ``lmm.eval``, except
+``lmm.eval.lmms_eval_model``, the optional lmms-eval adapter, which only lmms-eval imports).
 
 One module per benchmark (``pope``, ``vqa``, ``gqa``, ``scienceqa``, ``mme``,
 ``mmbench``, ``short_answer``); :mod:`lmm.eval.registry` maps benchmark names to

@@ -1,14 +1,16 @@
 """Per-component freezing policies and the trainable/frozen parameter table."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 from torch import nn
 
+from lmm.model.lora import LoRAConfig, apply_lora, has_lora
 from lmm.registry import ConfigError
 
-Policy = Literal["full", "frozen", "partial"]
+Policy = Literal["full", "frozen", "partial", "lora"]
+POLICIES = ("full", "frozen", "partial", "lora")
 
 
 @dataclass
@@ -17,30 +19,57 @@ class FreezeConfig:
 
     Args:
         vision: ``full`` trains the tower, ``frozen`` freezes it, ``partial`` freezes the
-            patch embedding and the blocks before ``vision_from_layer``.
+            patch embedding and the blocks before ``vision_from_layer``, ``lora`` freezes it
+            and trains low-rank adapters (``vision_lora``).
         vision_from_layer: First trainable tower block under ``partial`` (e.g. 12).
+        vision_lora: Adapters of the tower under ``lora``.
         connector: ``full`` or ``frozen``.
-        llm: ``full``, ``frozen`` or ``partial`` (token embeddings and blocks before
-            ``llm_from_layer`` frozen).
+        llm: ``full``, ``frozen``, ``partial`` (token embeddings and blocks before
+            ``llm_from_layer`` frozen) or ``lora`` (frozen, adapters from ``llm_lora`` train).
         llm_from_layer: First trainable decoder block under ``partial``.
+        llm_lora: Adapters of the language model under ``lora``.
     """
 
     vision: Policy = "full"
     vision_from_layer: int = 0
+    vision_lora: LoRAConfig = field(default_factory=LoRAConfig)
     connector: Literal["full", "frozen"] = "full"
     llm: Policy = "full"
     llm_from_layer: int = 0
+    llm_lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        # Checkpoint hyperparameters come back as plain dicts.
+        for name in ("vision_lora", "llm_lora"):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, LoRAConfig(**getattr(self, name)))
 
 
-def apply_policy(module: nn.Module, policy: str, blocks: nn.ModuleList | None, from_layer: int, option: str) -> None:
+def apply_policy(
+    module: nn.Module,
+    policy: str,
+    blocks: nn.ModuleList | None,
+    from_layer: int,
+    option: str,
+    lora: Optional[LoRAConfig] = None,
+) -> None:
     """Set ``requires_grad`` on ``module``'s parameters according to ``policy``.
 
     Under ``partial`` the parameters registered before the blocks (embeddings) and the
     blocks before ``from_layer`` are frozen; later blocks and what follows them (final
     norm, output head) train. Registration order is forward order in transformers models.
+    Under ``lora`` the module is frozen and adapters (``lora``, default settings if None)
+    are injected into its linear layers and trained.
     """
-    if policy not in ("full", "frozen", "partial"):
-        raise ConfigError(f"{option}: unknown policy {policy!r}; allowed: full, frozen, partial")
+    if policy not in POLICIES:
+        raise ConfigError(f"{option}: unknown policy {policy!r}; allowed: {', '.join(POLICIES)}")
+    if policy == "lora":
+        apply_lora(module, blocks, lora or LoRAConfig(), option)
+        return
+    if has_lora(module):
+        # Training base weights under live adapters would mix two parametrisations.
+        raise ConfigError(f"{option}: the component carries LoRA adapters; merge them (lmm.model.lora.merge_lora) "
+                          f"before applying {policy!r}")
     for p in module.parameters():
         p.requires_grad_(policy == "full")
     if policy != "partial":

@@ -27,18 +27,36 @@ class LanguageConfig:
 
 
 def load_tokenizer(cfg: LanguageConfig):
-    """The LM's tokenizer with ``<image>`` as a special token and a pad token set."""
+    """The LM's tokenizer with ``<image>`` as a special token and a pad token set.
+
+    Pad token per family: Qwen2 (``<|endoftext|>``) and Gemma (``<pad>``) bring their own;
+    Llama/TinyLlama gets ``<unk>``; Phi-2 and StableLM-2, whose only special token is
+    ``<|endoftext|>`` (= eos = unk), pad with it. Reusing an existing token is safe because
+    padding is never found by its id: attention masks come from sequence lengths
+    (``lmm.data.collate``) and padded labels are ``IGNORE_INDEX``, so a pad id equal to eos
+    neither hides real eos tokens from attention nor from the loss.
+    """
     from transformers import AutoTokenizer
 
     tok = load_pretrained(AutoTokenizer, cfg.name_or_path, "tokenizer", trust_remote_code=cfg.trust_remote_code)
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tok.pad_token is None:
-        # Padding is always masked out of attention and loss, so any existing token will do.
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     if tok.eos_token is None:
         raise ValueError(f"tokenizer of {cfg.name_or_path!r} has no eos token; conversation turns need one")
+    if IMAGE_TOKEN not in tok.get_vocab():
+        # Extend, not replace, the extra special tokens (e.g. Qwen2's <|im_start|>, Gemma's
+        # <start_of_turn>), so they stay special for decoding.
+        tok.add_special_tokens({"additional_special_tokens": [*_extra_special_tokens(tok), IMAGE_TOKEN]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok
+
+
+def _extra_special_tokens(tok) -> list[str]:
+    """Special tokens beyond bos/eos/unk/pad/...: ``extra_special_tokens`` in transformers 5,
+    ``additional_special_tokens`` in 4.x (where ``extra_special_tokens`` is a dict of names)."""
+    extra = getattr(tok, "extra_special_tokens", None)
+    if not isinstance(extra, (list, tuple)):
+        extra = getattr(tok, "additional_special_tokens", None) or []
+    return [str(t) for t in extra]
 
 
 def load_language_model(cfg: LanguageConfig, tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -52,7 +70,11 @@ def load_language_model(cfg: LanguageConfig, tokenizer, dtype: torch.dtype = tor
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
     )
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        # Llama/TinyLlama and Gemma have one row per token, so <image> needs a new row; rounded
+        # up to a multiple for matmul efficiency. Tied heads (Gemma, small Qwen2) stay tied.
+        # Phi-2, StableLM-2 and Qwen2 ship spare rows and are left as they are.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=cfg.pad_to_multiple_of)
     return model
 

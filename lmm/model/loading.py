@@ -19,7 +19,7 @@ def load_pretrained(factory: Any, name_or_path: str, what: str, **kwargs: Any) -
             f"the directory {name_or_path!r} exists but does not hold a loadable {what}"
             if local
             else f"{name_or_path!r} is not a local directory and could not be fetched from the hub "
-            f"(offline?). Download it where you have network (e.g. `huggingface-cli download "
+            f"(offline?). Download it where you have network (e.g. `hf download "
             f"{name_or_path} --local-dir DIR`) and point the config at DIR"
         )
         raise MissingWeightsError(f"cannot load {what} weights: {hint}. ({err})") from err

@@ -1,41 +1,78 @@
-"""Vision towers: every kind returns patch features ``[B, N, D]`` and exposes its blocks.
+"""Vision towers behind one interface.
 
-A tower is a class plus an entry in ``VISION_TOWERS``; the YAML names the entry.
+Every tower returns features ``[B, num_tokens, hidden_size]``, owns its ``image_spec`` (input
+size, normalisation, aspect handling: what the data side must do to an image), and lists its
+``blocks()`` in forward order so ``partial`` freezing works the same for every kind.
+
+A tower kind is a class (or factory) plus an exact-name entry in ``VISION_TOWERS``; the YAML
+names the entry (``model.vision.kind``). Kinds: ``hf`` (transformers CLIP / SigLIP, in
+``towers/hf.py``), ``open_clip`` (open_clip ViTs, ``towers/open_clip.py``), ``timm`` (timm
+ViTs and CNNs, ``towers/timm.py``).
+
+Everything after the selected ``feature_layer`` (later blocks, final norm, pooling head,
+projection) is removed at load time: it cannot influence the features, costs compute, and
+would count as trainable parameters that never receive a gradient.
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal, Optional, TypeVar
 
 import torch
 from torch import nn
 
-from lmm.model.image_spec import ImageSpec
-from lmm.model.loading import load_pretrained
+from lmm.model.image_spec import ImageSpec, Preprocess
+from lmm.model.loading import MissingWeightsError
 from lmm.registry import ConfigError, Registry
+
+T = TypeVar("T")
+
+SELECT_MODES: tuple[str, ...] = ("auto", "patch", "full")
 
 
 @dataclass
 class VisionConfig:
-    """Which vision tower to build.
+    """Which vision tower to build and how its features and images are taken.
 
     Args:
-        kind: Registry name of the tower implementation (``hf``: transformers CLIP/SigLIP vision models).
-        name_or_path: Hub name or local directory of the pretrained tower.
-        feature_layer: Hidden layer whose output feeds the connector (-2 = second to last, as LLaVA).
-        select: Token strategy: ``auto`` drops CLIP's CLS token and keeps every SigLIP patch;
-            ``patch`` always drops the first token; ``full`` keeps all tokens.
+        kind: Tower implementation (registry ``VISION_TOWERS``): ``hf`` (transformers CLIP /
+            SigLIP), ``open_clip`` (an open_clip ViT), ``timm`` (a timm ViT or CNN).
+        name_or_path: Where the pretrained tower is. ``hf``: hub name or local directory
+            (``openai/clip-vit-large-patch14-336``, ``google/siglip-so400m-patch14-384``).
+            ``open_clip``: ``hf-hub:ORG/REPO`` or a local directory holding
+            ``open_clip_config.json`` and the weights. ``timm``: a timm name with a pretrained
+            tag (``vit_base_patch16_clip_224.openai``), ``hf-hub:timm/NAME``, or a local
+            directory holding timm's ``config.json`` and ``model.safetensors``.
+        feature_layer: Which block's output feeds the connector: -1 = last block, -2 = second
+            to last (LLaVA), k >= 1 = block k. For a CNN a block is a stage, and -1 is its final
+            feature map. None: the tower's default (-2 for ViTs, -1 for CNNs).
+        select: Which tokens of that output: ``auto`` keeps the patch tokens only (drops CLIP's
+            and open_clip's CLS and timm's prefix/register tokens, keeps every SigLIP patch:
+            SigLIP has no CLS); ``patch`` always drops the first token (LLaVA's ``patch``; on
+            SigLIP this loses a real patch); ``full`` keeps every token.
+        image_preprocess: How a non-square image becomes the tower's square input: ``pad``
+            (pad to a square with the mean colour, then resize; LLaVA-1.5), ``letterbox``
+            (scale to fit keeping the aspect ratio, pad with the mean colour) or ``resize``
+            (squash).
     """
 
     kind: str = "hf"
     name_or_path: str = "google/siglip-so400m-patch14-384"
-    feature_layer: int = -2
+    feature_layer: Optional[int] = None
     select: Literal["auto", "patch", "full"] = "auto"
+    image_preprocess: Preprocess = "pad"
 
 
 class VisionTower(nn.Module, ABC):
-    """Interface every tower implements."""
+    """Interface every tower implements.
+
+    Attributes:
+        image_spec: What an image must look like for this tower (the data side applies it).
+        hidden_size: Feature width ``D``.
+        num_tokens: Tokens per image ``N`` (known before the model runs).
+    """
 
     image_spec: ImageSpec
     hidden_size: int
@@ -43,77 +80,129 @@ class VisionTower(nn.Module, ABC):
 
     @abstractmethod
     def blocks(self) -> nn.ModuleList:
-        """The transformer blocks in forward order (for partial freezing)."""
+        """The kept blocks (transformer layers, or CNN stages) in forward order.
+
+        ``partial`` freezing from block k freezes everything registered before the blocks
+        (patch embedding / stem) and blocks ``< k``; nothing of the tower follows the blocks.
+        """
 
     @abstractmethod
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` normalised pixels -> ``[B, num_tokens, hidden_size]``."""
 
 
-VISION_TOWERS: Registry[type[VisionTower]] = Registry("vision tower")
-
-# transformers vision models whose first token is a CLS token.
-_HAS_CLS = {"clip_vision_model"}
-
-
-def _find_blocks(model: nn.Module, count: int) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The (parent, attribute, ModuleList) holding the model's ``count`` transformer layers."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            parent_name, _, attr = name.rpartition(".")
-            return model.get_submodule(parent_name), attr, module
-    raise ValueError(f"{type(model).__name__}: no ModuleList of {count} layers found")
-
-
-@VISION_TOWERS.register("hf")
-class HFVisionTower(VisionTower):
-    """A transformers ``CLIPVisionModel`` / ``SiglipVisionModel`` (anything AutoModel loads).
-
-    Layers after ``feature_layer`` and the final norm/pooling head never influence the
-    features, so they are removed at load time: they cost compute and would otherwise
-    count as trainable parameters that never receive a gradient.
-    """
-
-    def __init__(self, cfg: VisionConfig, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        from transformers import AutoModel
-
-        model = load_pretrained(AutoModel, cfg.name_or_path, "vision tower", dtype=dtype)
-        config = model.config
-        n_layers = config.num_hidden_layers
-        keep = cfg.feature_layer % (n_layers + 1)  # hidden_states has n_layers + 1 entries
-        if not 1 <= keep <= n_layers:
-            raise ConfigError(
-                f"model.vision.feature_layer={cfg.feature_layer} selects the embedding output of "
-                f"a {n_layers}-layer tower; use a value in [-{n_layers}, -1] or [1, {n_layers}]"
-            )
-        parent, attr, layers = _find_blocks(model, n_layers)
-        setattr(parent, attr, nn.ModuleList(list(layers)[:keep]))
-        config.num_hidden_layers = keep
-        for name, module in list(model.named_modules()):
-            if name.rpartition(".")[2] in ("post_layernorm", "head") and name:
-                p, _, a = name.rpartition(".")
-                setattr(model.get_submodule(p), a, nn.Identity())
-        if hasattr(config, "vision_use_head"):
-            config.vision_use_head = False
-
-        self.model = model
-        self.model_type = config.model_type
-        drop_first = {"auto": config.model_type in _HAS_CLS, "patch": True, "full": False}[cfg.select]
-        self._skip = 1 if drop_first else 0
-        grid = config.image_size // config.patch_size
-        has_cls = config.model_type in _HAS_CLS
-        self.num_tokens = grid * grid + (1 if has_cls else 0) - self._skip
-        self.hidden_size = config.hidden_size
-        self.image_spec = ImageSpec.from_pretrained(cfg.name_or_path, config.model_type, config.image_size)
-
-    def blocks(self) -> nn.ModuleList:
-        return _find_blocks(self.model, self.model.config.num_hidden_layers)[2]
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        return out.hidden_states[-1][:, self._skip :]
+# A tower kind: called with (VisionConfig, dtype=...) and returns the tower.
+VISION_TOWERS: Registry[Callable[..., VisionTower]] = Registry("vision tower")
 
 
 def build_vision_tower(cfg: VisionConfig, dtype: torch.dtype = torch.float32) -> VisionTower:
+    if cfg.select not in SELECT_MODES:
+        raise ConfigError(
+            f"model.vision.select: unknown token strategy {cfg.select!r}; allowed: {', '.join(SELECT_MODES)}"
+        )
     return VISION_TOWERS.get(cfg.kind, option="model.vision.kind")(cfg, dtype=dtype)
+
+
+# -- helpers shared by the tower kinds ------------------------------------------------------
+
+
+def resolve_feature_layer(feature_layer: Optional[int], n_blocks: int, default: int) -> int:
+    """``feature_layer`` (None = ``default``) -> how many blocks to keep, in ``[1, n_blocks]``.
+
+    Counting follows transformers' ``hidden_states``: index 0 is the embedding output (no
+    block), k the output of block k, -1 the last block.
+    """
+    layer = default if feature_layer is None else feature_layer
+    if not -n_blocks <= layer <= n_blocks or layer == 0:
+        what = "the embedding output (no block)" if layer in (0, -n_blocks - 1) else "no block"
+        raise ConfigError(
+            f"model.vision.feature_layer={layer} selects {what} of a {n_blocks}-block tower; "
+            f"use a value in [-{n_blocks}, -1] or [1, {n_blocks}]"
+        )
+    return layer if layer > 0 else n_blocks + 1 + layer
+
+
+def tokens_to_skip(select: str, prefix_tokens: int, *, kind: str) -> int:
+    """How many leading tokens ``select`` drops from a sequence with ``prefix_tokens`` non-patch
+    tokens (CLS, registers) in front of the patches."""
+    if select == "auto":
+        return prefix_tokens
+    if select == "patch":
+        return 1
+    if select == "full":
+        return 0
+    raise ConfigError(
+        f"model.vision.select: unknown token strategy {select!r} for kind {kind!r}; allowed: {', '.join(SELECT_MODES)}"
+    )
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A filesystem path rather than a hub name (``google/siglip-...`` is a hub id, while
+    ``artifacts/models/vision`` whose first folder exists here is a path)."""
+    if name_or_path.startswith(("/", ".", "~", "local-dir:")):
+        return True
+    return "/" in name_or_path and os.path.isdir(name_or_path.split("/")[0])
+
+
+def library_source(name_or_path: str) -> str:
+    """The model name timm and open_clip ``create_model`` take for a config value: a local
+    path becomes ``local-dir:PATH``, a hub repo id ``ORG/NAME`` becomes ``hf-hub:ORG/NAME``;
+    ``hf-hub:``/``local-dir:`` names and bare library names pass through."""
+    if name_or_path.startswith(("hf-hub:", "local-dir:")):
+        return name_or_path
+    if os.path.isdir(name_or_path) or looks_local(name_or_path):
+        return f"local-dir:{os.path.expanduser(name_or_path)}"
+    if "/" in name_or_path:
+        return f"hf-hub:{name_or_path}"
+    return name_or_path
+
+
+def load_or_explain(
+    load: Callable[[], T],
+    name_or_path: str,
+    what: str,
+    expects: str,
+    hub_repo: Optional[str] = None,
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, ValueError),
+) -> T:
+    """Run ``load()``; a failure becomes a ``MissingWeightsError`` that names the path and says
+    how to fix ``model.vision.name_or_path`` (the offline case included).
+
+    Args:
+        load: The tower library's own loading call (the same for hub names and local dirs).
+        name_or_path: What the config said.
+        what: e.g. "timm vision tower".
+        expects: The files a local directory must hold, e.g. "config.json and model.safetensors".
+        hub_repo: The hub repository behind a hub name (for the download hint).
+    """
+    try:
+        return load()
+    except errors as err:
+        path = name_or_path.removeprefix("local-dir:")
+        if os.path.isdir(path):
+            reason = f"the directory exists but does not hold a loadable {what} (it needs {expects})"
+            fix = (
+                f"Put those files in {path!r}, or set model.vision.name_or_path (and model.vision.kind) "
+                "to a directory that holds them"
+            )
+        elif looks_local(name_or_path):
+            reason = "no such directory"
+            fix = f"Set model.vision.name_or_path to a directory holding {expects}"
+        else:
+            repo = hub_repo or name_or_path.removeprefix("hf-hub:")
+            reason = "it is not a local directory and could not be fetched from the hub (offline?)"
+            fix = (
+                f"Download it where you have network (e.g. `hf download {repo} --local-dir DIR`) "
+                "and set model.vision.name_or_path: DIR"
+            )
+        raise MissingWeightsError(
+            f"cannot load {what} weights from {name_or_path!r}: {reason}. {fix}. ({type(err).__name__}: {err})"
+        ) from err
+
+
+def has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+# Registers the tower kinds (after the names above exist: the tower modules import them).
+from lmm.model import towers as _towers  # noqa: E402,F401

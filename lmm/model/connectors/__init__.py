@@ -1,0 +1,1 @@
+"""Connector implementations, one family per module; ``lmm.model.connector`` registers them."""

@@ -1,0 +1,100 @@
+"""Kind ``hf``: transformers ``CLIPVisionModel`` / ``SiglipVisionModel``.
+
+``name_or_path`` may hold a full CLIP / SigLIP checkpoint (text and vision, as the hub repos
+``openai/clip-vit-large-patch14-336`` and ``google/siglip-so400m-patch14-384`` do) or a vision
+model alone; the vision class loads only the vision weights from either.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmm.model.image_spec import ImageSpec
+from lmm.model.vision import (
+    VISION_TOWERS,
+    VisionConfig,
+    VisionTower,
+    load_or_explain,
+    resolve_feature_layer,
+    tokens_to_skip,
+)
+from lmm.registry import ConfigError
+
+# model_type (of the checkpoint's config.json) -> (transformers vision class, has a CLS token).
+# Exact keys: a model type not listed here is refused rather than guessed.
+HF_VISION_MODELS: dict[str, tuple[str, bool]] = {
+    "clip": ("CLIPVisionModel", True),
+    "clip_vision_model": ("CLIPVisionModel", True),
+    "siglip": ("SiglipVisionModel", False),
+    "siglip_vision_model": ("SiglipVisionModel", False),
+}
+
+_EXPECTS = "config.json and model.safetensors (a transformers CLIP or SigLIP checkpoint)"
+
+
+def _find_blocks(model: nn.Module, count: int) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The (parent, attribute, ModuleList) holding the model's ``count`` transformer layers."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name), attr, module
+    raise ValueError(f"{type(model).__name__}: no ModuleList of {count} layers found")
+
+
+@VISION_TOWERS.register("hf")
+class HFVisionTower(VisionTower):
+    """A transformers CLIP or SigLIP vision model.
+
+    Layers after ``feature_layer`` and the final norm / pooling head are removed at load time.
+    Token strategy ``auto`` drops CLIP's CLS token and keeps every SigLIP patch (SigLIP has no
+    CLS: a 27x27 grid gives 729 tokens, not 728).
+    """
+
+    def __init__(self, cfg: VisionConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        import transformers
+
+        what = "transformers vision tower"
+        config = load_or_explain(
+            lambda: transformers.AutoConfig.from_pretrained(cfg.name_or_path), cfg.name_or_path, what, _EXPECTS
+        )
+        if config.model_type not in HF_VISION_MODELS:
+            raise ConfigError(
+                f"model.vision.name_or_path={cfg.name_or_path!r} is a {config.model_type!r} model; kind 'hf' "
+                f"supports model types {', '.join(sorted(HF_VISION_MODELS))} (other towers: kinds open_clip, timm)"
+            )
+        class_name, has_cls = HF_VISION_MODELS[config.model_type]
+        model_class = getattr(transformers, class_name)
+        model = load_or_explain(
+            lambda: model_class.from_pretrained(cfg.name_or_path, dtype=dtype), cfg.name_or_path, what, _EXPECTS
+        )
+        config = model.config  # the vision config, also when the checkpoint was a full CLIP/SigLIP
+        n_layers = config.num_hidden_layers
+        keep = resolve_feature_layer(cfg.feature_layer, n_layers, default=-2)
+        parent, attr, layers = _find_blocks(model, n_layers)
+        setattr(parent, attr, nn.ModuleList(list(layers)[:keep]))
+        config.num_hidden_layers = keep
+        for name, _ in list(model.named_modules()):
+            if name and name.rpartition(".")[2] in ("post_layernorm", "head"):
+                p, _, a = name.rpartition(".")
+                setattr(model.get_submodule(p), a, nn.Identity())
+        if hasattr(config, "vision_use_head"):
+            config.vision_use_head = False
+
+        self.model = model
+        self.model_type = config.model_type
+        self.has_cls = has_cls
+        self._skip = tokens_to_skip(cfg.select, 1 if has_cls else 0, kind="hf")
+        grid = config.image_size // config.patch_size
+        self.num_tokens = grid * grid + (1 if has_cls else 0) - self._skip
+        self.hidden_size = config.hidden_size
+        self.image_spec = ImageSpec.from_pretrained(
+            cfg.name_or_path, config.model_type, config.image_size, preprocess=cfg.image_preprocess
+        )
+
+    def blocks(self) -> nn.ModuleList:
+        return _find_blocks(self.model, self.model.config.num_hidden_layers)[2]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        return out.hidden_states[-1][:, self._skip :]

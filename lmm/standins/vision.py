@@ -1,0 +1,215 @@
+"""Tiny random-init stand-ins of every vision tower kind, saved the way the real ones are published.
+
+``build_tower(kind, out_dir)`` writes ``out_dir/<kind>/`` and returns a ``TowerStandIn``: what a
+``VisionConfig`` needs (``kind``, ``name_or_path``) and what the built tower must report
+(tokens per image, width, blocks). Each directory has the layout a user gets from
+``hf download REPO --local-dir DIR`` for the real model, so loading it goes
+through the same code a hub name takes. Nothing is downloaded.
+
+- ``clip``: transformers ``CLIPModel`` (text + vision, like ``openai/clip-vit-large-patch14-336``)
+  + ``CLIPImageProcessor`` (OpenAI mean/std); kind ``hf``; 32 px, 8 px patches: 16 tokens.
+- ``siglip``: transformers ``SiglipModel`` + ``SiglipImageProcessor`` (mean/std 0.5); kind ``hf``;
+  32 px, 8 px patches: 16 tokens (no CLS, every patch kept).
+- ``open_clip``: an open_clip ``CLIP`` (ViT image tower) as ``open_clip_config.json`` +
+  ``open_clip_model.safetensors``; kind ``open_clip``; 32 px, 8 px patches: 16 tokens.
+- ``timm_vit``: a timm ``VisionTransformer`` written by ``timm.models.save_for_hf``
+  (``config.json`` + ``model.safetensors``); kind ``timm``; 32 px, 8 px patches: 16 tokens.
+- ``timm_cnn``: a timm ``ResNet`` (4 one-block stages, widths 8-32) written by ``save_for_hf``
+  with a 64 px input size; kind ``timm``; final stride 32: a 2x2 map, 4 tokens.
+
+The ViTs are width 32, 3 layers, 2 heads (a few hundred KB on disk).
+
+Token counts are for ``select: auto`` and the default ``feature_layer`` (the ViTs' CLS /
+prefix tokens dropped, SigLIP's 16 patches all kept; the CNN's final 2x2 map).
+
+Example::
+
+    from lmm.standins.vision import build_tower
+    tower = build_tower("timm_cnn", tmp_path)
+    cfg = tower.vision_config()            # VisionConfig(kind="timm", name_or_path=...)
+    # model.vision in YAML: {kind: timm, name_or_path: <tower.name_or_path>}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lmm.registry import ConfigError
+
+# The OpenAI CLIP normalisation, as the real CLIP processors carry it (not 0.5, so tests see
+# a tower's own mean colour rather than grey).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TowerStandIn:
+    """A stand-in tower on disk and what loading it must give.
+
+    Attributes:
+        kind: ``model.vision.kind`` to load it with (``hf``, ``open_clip`` or ``timm``).
+        name_or_path: ``model.vision.name_or_path``: the directory written.
+        num_tokens: Tokens per image with ``select: auto`` and the default ``feature_layer``.
+        hidden_size: Feature width at the default ``feature_layer``.
+        image_size: Side of the square input.
+        num_blocks: Blocks of the full model (layers; stages for the CNN).
+        default_blocks: Blocks kept at the default ``feature_layer`` (-2 for ViTs, -1 for the CNN).
+        mean: Normalisation mean the tower's image spec must carry.
+        std: Normalisation std the tower's image spec must carry.
+    """
+
+    kind: str
+    name_or_path: str
+    num_tokens: int
+    hidden_size: int
+    image_size: int
+    num_blocks: int
+    default_blocks: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def vision_config(self, **overrides: Any):
+        """A ``VisionConfig`` that loads this tower (fields may be overridden)."""
+        from lmm.model.vision import VisionConfig
+
+        return VisionConfig(**{"kind": self.kind, "name_or_path": self.name_or_path, **overrides})
+
+
+# Shared sizes: 32 px images in 8 px patches (a 4x4 grid), width 32, 3 layers, 2 heads.
+_IMAGE, _PATCH, _WIDTH, _LAYERS, _HEADS = 32, 8, 32, 3, 2
+_GRID = (_IMAGE // _PATCH) ** 2
+# CLIP/SigLIP stand-ins are full two-tower repos, as on the hub; the text side is a minimal stub.
+_TEXT_STUB = dict(
+    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+)
+_VISION = dict(
+    hidden_size=_WIDTH, intermediate_size=2 * _WIDTH, num_hidden_layers=_LAYERS,
+    num_attention_heads=_HEADS, image_size=_IMAGE, patch_size=_PATCH,
+)
+
+
+def _clip(out: Path) -> TowerStandIn:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    cfg = CLIPConfig(
+        text_config=_TEXT_STUB,
+        vision_config=_VISION,
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": _IMAGE}, crop_size={"height": _IMAGE, "width": _IMAGE},
+        image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD),
+    ).save_pretrained(out)
+    return TowerStandIn("hf", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, OPENAI_MEAN, OPENAI_STD)
+
+
+def _siglip(out: Path) -> TowerStandIn:
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    cfg = SiglipConfig(
+        text_config=_TEXT_STUB,
+        vision_config=_VISION,
+    )
+    SiglipModel(cfg).save_pretrained(out)
+    SiglipImageProcessor(
+        size={"height": _IMAGE, "width": _IMAGE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(out)
+    half = (0.5, 0.5, 0.5)
+    return TowerStandIn("hf", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, half, half)
+
+
+# An open_clip model config as in open_clip_config.json ("model_cfg"); a tiny text tower too,
+# because open_clip checkpoints are whole CLIP models.
+OPEN_CLIP_MODEL_CFG: dict[str, Any] = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": _IMAGE, "patch_size": _PATCH, "width": _WIDTH, "layers": _LAYERS,
+                   "head_width": _WIDTH // _HEADS, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+def _open_clip(out: Path) -> TowerStandIn:
+    import open_clip
+    from safetensors.torch import save_file
+
+    model = open_clip.CLIP(**OPEN_CLIP_MODEL_CFG)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    config = {
+        "model_cfg": OPEN_CLIP_MODEL_CFG,
+        "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic"},
+    }
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    return TowerStandIn("open_clip", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, OPENAI_MEAN, OPENAI_STD)
+
+
+def _timm_vit(out: Path) -> TowerStandIn:
+    import timm
+    from timm.models import save_for_hf
+
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=_IMAGE, patch_size=_PATCH, embed_dim=_WIDTH,
+        depth=_LAYERS, num_heads=_HEADS, num_classes=0,
+    )
+    save_for_hf(model, str(out), safe_serialization=True)
+    half = (0.5, 0.5, 0.5)  # vit_tiny_patch16_224's own pretrained config
+    return TowerStandIn("timm", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, half, half)
+
+
+_CNN_IMAGE, _CNN_CHANNELS = 64, (8, 16, 24, 32)
+
+
+def _timm_cnn(out: Path) -> TowerStandIn:
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import save_for_hf
+
+    model = timm.create_model(
+        "resnet18", pretrained=False, layers=(1, 1, 1, 1), channels=_CNN_CHANNELS, stem_width=8, num_classes=0,
+        zero_init_last=False,  # timm zeroes each block's last BN scale: random blocks would be no-ops
+    )
+    # ResNets take any size; the saved pretrained config fixes the one lmm will use.
+    save_for_hf(model, str(out), safe_serialization=True, data_config={"input_size": (3, _CNN_IMAGE, _CNN_IMAGE)})
+    grid = (_CNN_IMAGE // 32) ** 2  # output stride 32
+    return TowerStandIn(
+        "timm", str(out), grid, _CNN_CHANNELS[-1], _CNN_IMAGE, 4, 4,
+        tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),
+    )
+
+
+# Exact names; every builder writes into an empty directory.
+STANDIN_TOWERS: dict[str, Callable[[Path], TowerStandIn]] = {
+    "clip": _clip,
+    "siglip": _siglip,
+    "open_clip": _open_clip,
+    "timm_vit": _timm_vit,
+    "timm_cnn": _timm_cnn,
+}
+
+
+def build_tower(kind: str, out_dir: str | Path, seed: int = 0) -> TowerStandIn:
+    """Write a tiny random-init tower of ``kind`` to ``out_dir/<kind>/`` and describe it.
+
+    Args:
+        kind: ``clip``, ``siglip``, ``open_clip``, ``timm_vit`` or ``timm_cnn``.
+        out_dir: Parent directory (several kinds can share it).
+        seed: Seed of the random initialisation (same seed, same weights).
+
+    An existing ``out_dir/<kind>/`` is rebuilt, so the files always match this code.
+    """
+    if kind not in STANDIN_TOWERS:
+        raise ConfigError(f"unknown stand-in tower {kind!r}; known: {', '.join(STANDIN_TOWERS)}")
+    out = Path(out_dir) / kind
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return STANDIN_TOWERS[kind](out)

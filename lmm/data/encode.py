@@ -45,6 +45,10 @@ class SampleEncoder:
         self.eos_id = tok.eos_token_id
         stop = self.template.stop_string(self.eos)
         self._stop_id = tok.convert_tokens_to_ids(stop) if stop in tok.get_vocab() else None
+        # The Rust tokenizer behind a fast tokenizer gives the same ids and offsets as
+        # tokenizer(text, return_offsets_mapping=True) without transformers' per-call overhead
+        # (about a third of the encoding time on short conversations).
+        self._backend = getattr(tok, "backend_tokenizer", None)
 
     def train_sample(self, raw: dict[str, Any]) -> dict:
         """Raw shard sample -> training inputs (picklable, for worker processes)."""
@@ -168,15 +172,20 @@ class SampleEncoder:
         character no token covers, or an end-of-turn that did not become its own token
         are template/tokenizer mismatches and raise with the sample id.
         """
-        enc = self.processor.tokenizer(text, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        if self._backend is not None:
+            enc = self._backend.encode(text)
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        else:
+            enc = self.processor.tokenizer(text, return_offsets_mapping=True)
+            ids = np.asarray(enc["input_ids"], dtype=np.int64)
+            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         n = len(text)
         sup = np.zeros(n + 1, dtype=np.int64)
         for s, e in spans:
             sup[s:e] = 1
         chars = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        space = np.isin(chars, [ord(c) for c in " \t\n\r"])
+        space = (chars == 32) | (chars == 9) | (chars == 10) | (chars == 13)
         hard_outside = np.concatenate([(1 - sup[:n]) * ~space, [0]]).astype(np.int64)
         cs_sup = np.concatenate([[0], np.cumsum(sup[:n])])
         cs_out = np.concatenate([[0], np.cumsum(hard_outside[:n])])

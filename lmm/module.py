@@ -172,7 +172,7 @@ class LMMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         table, counts = parameter_table(self.model.components())
-        self.print(f"Parameters for this stage (freeze: {asdict(self.freeze_cfg)}):\n{table}")
+        self.print(f"Parameters for this stage (freeze: {self.freeze_cfg.describe()}):\n{table}")
         if self.logger is not None:
             if hasattr(self.logger.experiment, "add_text"):
                 self.logger.experiment.add_text("parameters", f"```\n{table}\n```", 0)

@@ -137,3 +137,12 @@ def test_parameter_table_counts_tied_weights_once():
     module["emb"].weight.requires_grad_(False)
     _, counts = parameter_table({"lm": module})
     assert counts["lm"] == {"trainable": 0, "frozen": 40, "total": 40}
+
+
+def test_describe_names_only_the_options_in_use():
+    from lmm.model.lora import LoRAConfig
+
+    assert FreezeConfig().describe() == "vision full, connector full, llm full"
+    cfg = FreezeConfig(vision="partial", vision_from_layer=12, connector="frozen", llm="lora",
+                       llm_lora=LoRAConfig(rank=64, alpha=128))
+    assert cfg.describe() == "vision partial from 12, connector frozen, llm lora r64 alpha 128"

@@ -38,6 +38,23 @@ class FreezeConfig:
     llm_from_layer: int = 0
     llm_lora: LoRAConfig = field(default_factory=LoRAConfig)
 
+    def describe(self) -> str:
+        """One line per stage log, e.g. ``vision partial from 12, connector full, llm lora r8``:
+        only the options the chosen policies use."""
+
+        def part(name: str, policy: str, from_layer: int, lora: LoRAConfig) -> str:
+            if policy == "partial":
+                return f"{name} partial from {from_layer}"
+            if policy == "lora":
+                return f"{name} lora r{lora.rank} alpha {lora.alpha:g}"
+            return f"{name} {policy}"
+
+        return ", ".join([
+            part("vision", self.vision, self.vision_from_layer, self.vision_lora),
+            f"connector {self.connector}",
+            part("llm", self.llm, self.llm_from_layer, self.llm_lora),
+        ])
+
     def __post_init__(self) -> None:
         # Checkpoint hyperparameters come back as plain dicts.
         for name in ("vision_lora", "llm_lora"):

@@ -206,3 +206,45 @@ def test_commands_are_registered_with_help(command, capsys):
     with pytest.raises(SystemExit):
         lmm_main(["--help"])
     assert command in capsys.readouterr().out
+
+
+def test_predict_scores_a_pope_split_to_json_and_tensorboard(ckpt_dir, images, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lmm.eval.score import main as score_main
+
+    # A POPE question file in the official format doubles as annotations (label per question).
+    rows = [{"question_id": i, "image": img, "text": f"Is there a {obj} in the image?", "label": label}
+            for i, (img, obj, label) in enumerate([("a.png", "circle", "yes"), ("b.png", "square", "no"),
+                                                   ("c.png", "star", "yes"), ("a.png", "cross", "no")])]
+    pope = tmp_path / "coco_pope_random.json"
+    pope.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers, tb = tmp_path / "out" / "answers.jsonl", tmp_path / "tb"
+    argv = ["--ckpt", str(ckpt_dir), "--questions", str(pope), "--image-folder", str(images["a.png"].parent),
+            "--answers", str(answers), "--benchmark", "pope", "--annotations", str(pope), "--tensorboard", str(tb)]
+    assert predict_main(argv) == 0
+    capsys.readouterr()
+    written = json.loads((tmp_path / "out" / "answers.metrics.json").read_text())
+    # The same as scoring the answer file afterwards with `python -m lmm score`.
+    assert score_main(["pope", "--annotations", str(pope), "--predictions", str(answers)]) == 0
+    assert json.loads(capsys.readouterr().out) == written
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"pope/mean_f1", "pope/malformed"} <= set(tags) and any(t.endswith("/f1") for t in tags)
+    for tag in tags:
+        *path, leaf = tag.split("/")[1:]
+        value = written
+        for key in path:
+            value = value[key]
+        assert acc.Scalars(tag)[0].value == pytest.approx(value[leaf])
+
+
+def test_predict_scoring_options_are_checked_before_generating(ckpt_dir, questions, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        predict_main(["--ckpt", str(ckpt_dir), "--questions", str(questions), "--answers", str(tmp_path / "a"),
+                      "--benchmark", "pope"])
+    assert "--benchmark and --annotations go together" in capsys.readouterr().err
+    assert predict_main(["--ckpt", str(ckpt_dir), "--questions", str(questions), "--answers", str(tmp_path / "a"),
+                         "--benchmark", "popee", "--annotations", str(questions)]) == 2
+    assert "known:" in capsys.readouterr().err and not (tmp_path / "a").exists()

@@ -336,14 +336,10 @@ class LMMModule(L.LightningModule):
         return self._stop_ids
 
     def _generate(self, batch: dict) -> list[str]:
-        out = self.model.generate(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            stop_token_ids=self._stop_token_ids(),
-            **self.gen_cfg.kwargs(),
+        return self.model.generate_text(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+            stop_token_ids=self._stop_token_ids(), **self.gen_cfg.kwargs(),
         )
-        return [t.strip() for t in self.model.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def _record(self, batch: dict) -> list[dict]:
         self._count_skips(batch)

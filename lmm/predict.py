@@ -141,14 +141,10 @@ class Predictor:
         g = generation or self.generation
         batch = collate(samples, pad_id=self.model.tokenizer.pad_token_id, left=True)
         dev = self.device
-        out = self.model.generate(
-            batch["input_ids"].to(dev),
-            batch["attention_mask"].to(dev),
-            batch["pixel_values"].to(dev),
-            stop_token_ids=self.stop_ids,
-            **g.kwargs(),
+        return self.model.generate_text(
+            batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["pixel_values"].to(dev),
+            stop_token_ids=self.stop_ids, **g.kwargs(),
         )
-        return [t.strip() for t in self.model.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def generate_all(
         self, samples: list[dict], generation: Optional[GenerationConfig] = None, batch_size: Optional[int] = None

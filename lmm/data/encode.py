@@ -42,7 +42,6 @@ class SampleEncoder:
         self.transform = ImageTransform(processor.image_spec)
         tok = processor.tokenizer
         self.eos = tok.eos_token
-        self.eos_id = tok.eos_token_id
         stop = self.template.stop_string(self.eos)
         self._stop_id = tok.convert_tokens_to_ids(stop) if stop in tok.get_vocab() else None
         # The Rust tokenizer behind a fast tokenizer gives the same ids and offsets as

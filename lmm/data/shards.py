@@ -302,8 +302,8 @@ class PlannedStream(IterableDataset):
 class _Tracked:
     """Iterator that records, in its loader, the position after each batch it hands out."""
 
-    def __init__(self, it: Iterator[dict], loader: "ResumableLoader", epoch: int) -> None:
-        self._it, self._loader, self._epoch = it, loader, epoch
+    def __init__(self, it: Iterator[dict], loader: "ResumableLoader") -> None:
+        self._it, self._loader = it, loader
 
     def __iter__(self) -> "_Tracked":
         return self
@@ -363,7 +363,7 @@ class ResumableLoader(DataLoader):
         stream.epoch, stream.start = epoch, start
         self._next_epoch = epoch + 1
         self.position = (epoch, stream.start)
-        return _Tracked(super().__iter__(), self, epoch)
+        return _Tracked(super().__iter__(), self)
 
     def state_dict(self) -> dict:
         return self.state.state_dict() if self.state is not None else {"epoch": 0, "batches": 0}

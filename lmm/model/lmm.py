@@ -181,3 +181,9 @@ class LMM(nn.Module):
                 eos_token_id=eos if len(eos) > 1 else eos[0],
                 **kwargs,
             )
+
+    def generate_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                      **kwargs) -> list[str]:
+        """:meth:`generate`, decoded: one stripped answer per row (special tokens dropped)."""
+        out = self.generate(input_ids, attention_mask, pixel_values, **kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -7,6 +7,7 @@ question JSONL, not a shard set.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # Lightning Trainer runs (LMMCLI's subcommands): name -> what it does.
@@ -30,6 +31,10 @@ EXTRA_COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if from_command_line:
+        # Every torch.load of this process runs with weights_only=True, whatever its caller
+        # passes (transformers' .bin files, timm, open_clip included): nothing is unpickled.
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     if argv and argv[0] in EXTRA_COMMANDS:
         module, func = EXTRA_COMMANDS[argv[0]][0].split(":")
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)

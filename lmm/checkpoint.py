@@ -22,14 +22,17 @@ from torch import nn
 from lmm.model import lora
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, trainable_only: bool = False) -> int:
+def save_weights(model: nn.Module, path: str | os.PathLike, trainable_only: bool = False,
+                 state: dict[str, torch.Tensor] | None = None) -> int:
     """Write ``model``'s state (or only its trainable parameters) to ``path``; returns #tensors.
+
+    ``state`` replaces ``model.state_dict()`` (e.g. the gathered full state of a sharded model).
 
     Tied tensors are stored once and recorded as aliases. The file is written to a
     temporary name and renamed, so a crash mid-save never leaves a half-written file.
     """
     layers = lora.lora_layers(model)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     if trainable_only:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in names}

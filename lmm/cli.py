@@ -5,19 +5,28 @@ LightningCLI's ``predict`` subcommand (which needs a ``predict_step``) is not of
 """
 from __future__ import annotations
 
+import pickle
 import sys
 from typing import Any, Optional
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmm.callbacks import ProgressLog
+from lmm.checkpoint_io import UnsafeCheckpointError, refusal, use_safe_checkpoint_io
 from lmm.data.datamodule import LMMDataModule
+from lmm.data.errors import UnsafeShardError
+from lmm.data.quality import BadDataError
+from lmm.fault import SIGTERM_EXIT_STATUS
 from lmm.model.loading import MissingWeightsError
 from lmm.module import LMMModule
+from lmm.nonfinite import NonFiniteError, NonFiniteGuard
 from lmm.registry import ConfigError
 
 VARIANT_PLACEHOLDER = "{variant}"
+# Faults that end a run on purpose, with a message that says what happened and what to do.
+RUN_STOPPERS = (NonFiniteError, BadDataError, UnsafeShardError, UnsafeCheckpointError)
 LIGHTNING_DESCRIPTION = (
     "lmm's Lightning Trainer commands: fit, validate and test from YAML recipes (--config) with every "
     "model/data/trainer field as a typed option. lmm's other commands (predict, score, tiny, chat, export, "
@@ -61,20 +70,43 @@ def substitute_variant(node: Any, variant: Optional[str], key: str = "") -> Any:
     return node
 
 
+def _own_message(err: Exception) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (PyTorch puts the worker's
+    traceback in the message), the original message, from the traceback's last line."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+
+
 class LMMCLI(LightningCLI):
     """Every model/data/trainer field is a typed, documented option (``--help``)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            LMMModule,
-            LMMDataModule,
-            seed_everything_default=0,
-            trainer_defaults={"callbacks": [ProgressLog()]},
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "python -m lmm", "description": LIGHTNING_DESCRIPTION},
-            args=args,
-            run=run,
-        )
+        try:
+            super().__init__(
+                LMMModule,
+                LMMDataModule,
+                seed_everything_default=0,
+                trainer_defaults={"callbacks": [ProgressLog()]},
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"prog": "python -m lmm", "description": LIGHTNING_DESCRIPTION},
+                args=args,
+                run=run,
+            )
+        except SIGTERMException:
+            # Preempted: lmm.fault.FaultTolerantCheckpoint (if configured) has saved and said where.
+            print("stopped by SIGTERM", file=sys.stderr)
+            raise SystemExit(SIGTERM_EXIT_STATUS) from None
+        except RUN_STOPPERS as err:
+            print(f"error: {_own_message(err)}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except pickle.UnpicklingError as err:
+            # LightningCLI reads --ckpt_path's hyperparameters itself (with weights_only=True) first.
+            config = getattr(self, "config", None) or {}
+            ckpt = (config.get(str(config.get("subcommand")), None) or {}).get("ckpt_path")
+            print(f"error: {refusal(ckpt, err)}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -85,6 +117,8 @@ class LMMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The tokenizer, image size and tokens-per-image come from the built model.
         parser.link_arguments("model.processor", "data.processor", apply_on="instantiate")
+        # Always on (a callback with its own options: --nonfinite.max_consecutive).
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_argument(
             "--global_batch_size",
             type=Optional[int],
@@ -114,6 +148,7 @@ class LMMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
+        use_safe_checkpoint_io(trainer)  # atomic saves; --ckpt_path loads never unpickle
         cfg = self._stage_config()
         if cfg.get("global_batch_size") is not None:
             # Set right after the Trainer is built: it resolves devices ("auto", lists, -1)

@@ -117,6 +117,12 @@ def _prefix_of(model: nn.Module, target: nn.Module) -> str:
 def _check_fit(ckpt: Checkpoint) -> tuple[object, str, str]:
     """(the tower's transformers model, projector activation, select strategy), or ExportError."""
     model, info = ckpt.model, ckpt.info
+    if model.image_layout is not None:
+        raise ExportError(
+            "model.vision.anyres / model.vision.video: the Hugging Face LLaVA format shows every image as one "
+            "fixed-size view, with no crops, newline embedding or video pooling; export a model without them "
+            "(a LLaVA-OneVision export is not implemented)"
+        )
     kind = info["model"]["vision"].get("kind", "hf")
     tower = getattr(model.vision, "model", None)
     model_type = getattr(getattr(tower, "config", None), "model_type", None)

@@ -20,10 +20,13 @@ from lmm.checkpoint import load_weights, save_weights
 from lmm.data.encode import Processor
 from lmm.eval.results import is_correct, score_eval_set, summary_table
 from lmm.model.connector import ConnectorConfig, as_connector_config
+from lmm.model.efficiency import EfficiencyConfig, checkpoint_blocks, compile_blocks
 from lmm.model.freeze import FreezeConfig, parameter_table
-from lmm.model.language import LanguageConfig
+from lmm.model.image_batch import tower_inputs
+from lmm.model.language import LanguageConfig, decoder_blocks
 from lmm.model.lmm import LMM, GenerationConfig  # noqa: F401  (GenerationConfig: CLI type)
 from lmm.model.vision import VisionConfig
+from lmm.parallel import full_state_dict, global_norm, is_sharded
 
 log = logging.getLogger("lmm")
 
@@ -108,6 +111,12 @@ class LMMModule(L.LightningModule):
         save_checkpoint_dir: Directory to write a self-contained lmm checkpoint (parts, tokenizer,
             template, generation defaults) when fit ends: what ``chat``, ``predict`` and ``export``
             load with ``--ckpt``.
+        checkpoint_trainable_only: What Lightning checkpoints (``ModelCheckpoint``, ``--ckpt_path``)
+            hold of the model: ``true`` only the trainable parameters (small stage-1 files; the
+            frozen ones are rebuilt from the configured models and ``init_from`` on resume),
+            ``false`` every weight, ``null`` (default) trainable-only when a whole component is
+            frozen. Optimizer, scheduler, step, data position and random state are always saved.
+        efficiency: Activation checkpointing, ``torch.compile`` and the loss chunk size.
         results_dir: Where ``test`` writes metrics and predictions (default: the log dir).
         val_examples: Images with question, reference and answer shown in TensorBoard per validation.
     """
@@ -124,6 +133,8 @@ class LMMModule(L.LightningModule):
         save_weights: Optional[str] = None,
         save_trainable_only: bool = False,
         save_checkpoint_dir: Optional[str] = None,
+        checkpoint_trainable_only: Optional[bool] = None,
+        efficiency: EfficiencyConfig = EfficiencyConfig(),
         results_dir: Optional[str] = None,
         val_examples: int = 8,
     ) -> None:
@@ -132,6 +143,7 @@ class LMMModule(L.LightningModule):
         self.freeze_cfg = _as(FreezeConfig, freeze)
         self.optim_cfg = _as(OptimConfig, optim)
         self.gen_cfg = _as(GenerationConfig, generation)
+        self.efficiency = _as(EfficiencyConfig, efficiency)
         # Plain dicts only: the checkpoint stays loadable with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -145,11 +157,18 @@ class LMMModule(L.LightningModule):
             }
         )
         self.model = LMM(vision, llm, connector)
+        self.model.loss_chunk_size = self.efficiency.loss_chunk_size
         self.model.train()  # from_pretrained returns modules in eval mode
         if init_from:
             loaded = load_weights(self.model, init_from)
             log.info("initialised %d tensors from %s", len(loaded), init_from)
         self.param_table = self.model.apply_freeze(self.freeze_cfg)
+        if checkpoint_trainable_only is None:
+            checkpoint_trainable_only = "frozen" in (self.freeze_cfg.vision, self.freeze_cfg.connector, self.freeze_cfg.llm)
+        self.checkpoint_trainable_only = checkpoint_trainable_only
+        # Frozen weights are absent from a trainable-only checkpoint (checked in on_load_checkpoint).
+        self.strict_loading = not checkpoint_trainable_only
+        self._configured = False
         self.save_weights_path = save_weights
         self.save_trainable_only = save_trainable_only
         self.save_checkpoint_dir = save_checkpoint_dir
@@ -166,9 +185,30 @@ class LMMModule(L.LightningModule):
     def processor(self) -> Processor:
         """What the data side needs from the model (linked into the DataModule by the CLI)."""
         m = self.model
-        return Processor(m.tokenizer, m.vision.image_spec, m.num_image_tokens, m.image_token_id)
+        return Processor(m.tokenizer, m.vision.image_spec, m.num_image_tokens, m.image_token_id, m.image_layout)
 
     # -- fit ------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Sharding (FSDP2 under ``ModelParallelStrategy``), then activation checkpointing and
+        compilation per block, once per module (Lightning calls this before fit/validate/test)."""
+        if self._configured:
+            return
+        self._configured = True
+        mesh = self.device_mesh
+        if mesh is not None:
+            from lmm.parallel import shard_fsdp2
+
+            dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            units = shard_fsdp2(self.model, dp)
+            log.info("FSDP2: %d block units + root sharded over %d processes", units, dp.size())
+        eff, m = self.efficiency, self.model
+        if eff.grad_checkpointing_vision:
+            checkpoint_blocks(m.vision.blocks())
+        if eff.grad_checkpointing_llm:
+            checkpoint_blocks(decoder_blocks(m.llm))
+        if eff.compile:
+            compile_blocks([*m.vision.blocks(), *decoder_blocks(m.llm)], eff.compile_backend, eff.compile_dynamic)
 
     def on_fit_start(self) -> None:
         table, counts = parameter_table(self.model.components())
@@ -225,7 +265,8 @@ class LMMModule(L.LightningModule):
             # Every sample was skipped (and counted). A zero loss over the trainable weights
             # keeps this step in lockstep with the other ranks under DDP.
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-        loss = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"])
+        loss = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"],
+                          batch.get("position_ids"))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["size"])
         for group in self.trainer.optimizers[0].param_groups:
             if not group["name"].endswith("_no_decay"):
@@ -255,9 +296,26 @@ class LMMModule(L.LightningModule):
         else:
             states = [state]
         checkpoint["rng_states"] = states
+        if self.checkpoint_trainable_only:
+            keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            checkpoint["lmm_trainable_only"] = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resume_rng = checkpoint.get("rng_states")
+        if checkpoint.get("lmm_trainable_only") and not self.checkpoint_trainable_only:
+            raise ValueError(
+                "this checkpoint holds only the trainable weights of its stage; resume it with "
+                "model.checkpoint_trainable_only=true and the same models, init_from and freeze policy"
+            )
+        if self.checkpoint_trainable_only:
+            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            missing = sorted(trainable - set(checkpoint.get("state_dict", {})))
+            if missing:
+                raise ValueError(
+                    f"the checkpoint lacks {len(missing)} weight(s) this stage trains, e.g. {missing[:3]}: it was "
+                    "saved under another freeze policy (resume with the policy it was trained with)"
+                )
 
     def _restore_rng(self) -> None:
         states, self._resume_rng = self._resume_rng, None
@@ -283,7 +341,7 @@ class LMMModule(L.LightningModule):
             return
         norms = {}
         for name, module in self.model.components().items():
-            grads = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
+            grads = [global_norm(p.grad) for p in module.parameters() if p.grad is not None]
             if grads:
                 norms[name] = torch.linalg.vector_norm(torch.stack(grads))
         if norms:
@@ -294,9 +352,17 @@ class LMMModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.skipped:
             self.print(f"Skipped samples by reason: {dict(self.skipped)}")
-        if self.save_weights_path and self.trainer.is_global_zero:
-            n = save_weights(self.model, self.save_weights_path, self.save_trainable_only)
-            self.print(f"Wrote {n} tensors to {self.save_weights_path}")
+        sharded = is_sharded(self.model)
+        if self.save_weights_path:
+            state = full_state_dict(self.model) if sharded else None  # a collective: every rank
+            if self.trainer.is_global_zero:
+                n = save_weights(self.model, self.save_weights_path, self.save_trainable_only, state=state)
+                self.print(f"Wrote {n} tensors to {self.save_weights_path}")
+        if self.save_checkpoint_dir and sharded:
+            raise ValueError(
+                "model.save_checkpoint_dir is not written from a sharded (FSDP2) model; set model.save_weights "
+                "instead and build the directory with `python -m lmm checkpoint`"
+            )
         if self.save_checkpoint_dir and self.trainer.is_global_zero:
             self._write_checkpoint_dir()
 
@@ -378,7 +444,7 @@ class LMMModule(L.LightningModule):
 
     def _log_examples(self, batch: dict, records: list[dict]) -> None:
         experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_figure") or batch["pixel_values"].shape[0] == 0:
+        if not hasattr(experiment, "add_figure") or tower_inputs(batch["pixel_values"]).shape[0] == 0:
             return
         from lmm.viz import examples_figure
 

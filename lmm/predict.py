@@ -107,7 +107,7 @@ class Predictor:
         self.generation = generation
         self.batch_size = batch_size
         tok = model.tokenizer
-        processor = Processor(tok, model.vision.image_spec, model.num_image_tokens, model.image_token_id)
+        processor = Processor(tok, model.vision.image_spec, model.num_image_tokens, model.image_token_id, model.image_layout)
         self.encoder = SampleEncoder(processor, template, max_length)
         self.template = self.encoder.template  # bound to the tokenizer
         self.stop_ids = stop_token_ids(tok, self.template)

@@ -6,6 +6,7 @@ import textwrap
 import torch
 from matplotlib.figure import Figure
 
+from lmm.model.image_batch import ImageBatch
 from lmm.model.image_spec import ImageSpec
 
 
@@ -18,10 +19,15 @@ def denormalise(pixels: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
 
 def examples_figure(batch: dict, records: list[dict], spec: ImageSpec, tokens_per_image: int,
                     image_token_id: int, limit: int = 8):
-    """A grid of each sample's first image titled with Q / reference / generated answer."""
-    n_images = (batch["input_ids"] == image_token_id).sum(dim=1) // tokens_per_image
-    first = torch.cumsum(n_images, 0) - n_images
-    shown = [i for i in range(len(records)) if n_images[i] > 0][:limit]
+    """A grid of each sample's first image titled with Q / reference / generated answer (an
+    ``ImageBatch`` shows each sample's first tower input: a base view or a video's first frame)."""
+    pv = batch["pixel_values"]
+    if isinstance(pv, ImageBatch):
+        per_row, pixels = torch.tensor(pv.row_tiles), pv.pixels  # tower inputs per sample
+    else:
+        per_row, pixels = (batch["input_ids"] == image_token_id).sum(dim=1) // tokens_per_image, pv
+    first = torch.cumsum(per_row, 0) - per_row
+    shown = [i for i in range(len(records)) if per_row[i] > 0][:limit]
     cols = min(4, max(1, len(shown)))
     rows = max(1, (len(shown) + cols - 1) // cols)
     # A bare Figure renders without pyplot, so importing this never changes a notebook's backend.
@@ -30,7 +36,7 @@ def examples_figure(batch: dict, records: list[dict], spec: ImageSpec, tokens_pe
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, shown):
-        ax.imshow(denormalise(batch["pixel_values"][int(first[i])], spec).numpy(), interpolation="nearest")
+        ax.imshow(denormalise(pixels[int(first[i])], spec).numpy(), interpolation="nearest")
         r = records[i]
         q = r["question"].replace("<image>", "").strip()
         ok = "✓" if r.get("correct") else ""

@@ -58,6 +58,7 @@ STAGES = {
     "tinyllava/share/finetune.yaml": Intent(vision=False, connector=True, llm=True),
     "onevision/pretrain.yaml": Intent(vision=False, connector=True, llm=False),
     "onevision/finetune.yaml": Intent(vision=True, connector=True, llm=True),
+    "tiny_ov/finetune.yaml": Intent(vision=True, connector=True, llm=True),
 }
 # Stage files in run order per recipe family; TinyLLaVA's run once per pair file in models/.
 CHAINS = {
@@ -65,17 +66,45 @@ CHAINS = {
     "tinyllava": ["tinyllava/base/pretrain.yaml", "tinyllava/base/finetune.yaml",
                   "tinyllava/share/pretrain.yaml", "tinyllava/share/finetune.yaml"],
     "onevision": ["onevision/pretrain.yaml", "onevision/finetune.yaml"],
+    # tiny_ov starts from the tiny pipeline's checkpoint directory (artifacts/tiny/finetune).
+    "tiny_ov": ["tiny/pretrain.yaml", "tiny/finetune.yaml", "tiny_ov/finetune.yaml"],
 }  # fmt: skip
 PAIRS = sorted(p.name for p in (CONFIGS / "tinyllava" / "models").glob("*.yaml"))
-CASES = [("tiny", None), *[("tinyllava", p) for p in PAIRS], ("onevision", None)]
+CASES = [("tiny", None), *[("tinyllava", p) for p in PAIRS], ("onevision", None), ("tiny_ov", None)]
+
+
+# Add-on trainer files (strategy, precision, fault tolerance): combined with any stage.
+TRAINER_FILES = sorted(p.name for p in (CONFIGS / "trainer").glob("*.yaml"))
 
 
 def test_every_config_file_is_covered():
     files = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     pair_files = {f"tinyllava/models/{p}" for p in PAIRS}
-    assert set(STAGES) | pair_files == files, "add new configs to STAGES / CHAINS in this test"
+    trainer_files = {f"trainer/{p}" for p in TRAINER_FILES}
+    assert set(STAGES) | pair_files | trainer_files == files, "add new configs to STAGES / CHAINS in this test"
     assert {s for chain in CHAINS.values() for s in chain} == set(STAGES)
     assert len(PAIRS) == 6  # {CLIP, SigLIP} x {TinyLlama, StableLM-2, Phi-2}
+
+
+@pytest.mark.parametrize("name", TRAINER_FILES)
+def test_trainer_files_combine_with_a_recipe(name, capsys):
+    """Each add-on parses on top of a TinyLLaVA stage + pair, and its settings win."""
+    from lmm.cli import LMMCLI
+
+    args = ["-c", str(CONFIGS / "tinyllava/base/finetune.yaml"), "-c", str(CONFIGS / "tinyllava/models" / PAIRS[0]),
+            "-c", str(CONFIGS / "trainer" / name), "--print_config"]
+    with pytest.raises(SystemExit) as exit_info:
+        LMMCLI(args=args, run=False)
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    wanted = yaml.safe_load((CONFIGS / "trainer" / name).read_text())["trainer"]
+    for key, value in wanted.items():
+        if key == "strategy":
+            assert printed["strategy"]["class_path"] == value["class_path"]
+        elif key == "callbacks":
+            assert [c["class_path"] for c in printed["callbacks"]][-len(value):] == [c["class_path"] for c in value]
+        else:
+            assert printed[key] == value, key
 
 
 # -- stand-ins -----------------------------------------------------------------------------------
@@ -108,6 +137,9 @@ def standins(tmp_path_factory, tiny_models) -> dict[str, str]:
     out = {
         "artifacts/tiny/models/vision": str(tiny_models["vision"]),
         "artifacts/tiny/models/llm": str(tiny_models["llm"]),
+        # The tiny pipeline's checkpoint directory holds the same architectures.
+        "artifacts/tiny/finetune/vision": str(tiny_models["vision"]),
+        "artifacts/tiny/finetune/llm": str(tiny_models["llm"]),
     }
     for hub, (what, kind) in HUB_STANDINS.items():
         out[hub] = _deep_tower(kind, root) if what == "tower" else str(build_llm(kind, root / kind))
@@ -161,7 +193,7 @@ def make_rewrite(standins: dict[str, str], world: Path, out: Path, seen: dict) -
             part.name_or_path = standins[part.name_or_path]
         # Shards: where the converters write them (data/...) or the tiny world (artifacts/tiny/data).
         for pattern in (p for item in d.train for p in _patterns(item)):
-            assert pattern.startswith(("data/", "artifacts/tiny/data/")), pattern
+            assert pattern.startswith(("data/", "artifacts/tiny/data/", "artifacts/tiny_ov/data/")), pattern
         d.train = [f"{world}/{'pretrain' if d.template == 'plain' else 'finetune'}/shard-*.tar"]
         _walk_strings(cfg, lambda s: s.replace("artifacts/tiny/data/", f"{world}/", 1))
         _walk_strings(cfg, lambda s: str(out / s) if s.startswith("artifacts/") else s)

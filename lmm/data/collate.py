@@ -5,6 +5,8 @@ from typing import Any
 
 import torch
 
+from lmm.model.image_batch import cat_pixels
+
 IGNORE_INDEX = -100
 
 
@@ -21,7 +23,8 @@ def _pad(seqs: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
 
 def collate(samples: list[dict[str, Any]], pad_id: int, left: bool = False) -> dict[str, Any]:
     """Stack samples; ``pixel_values`` concatenates every sample's images in sample order,
-    which is the order their ``<image>`` spans appear in the padded batch."""
+    which is the order their ``<image>`` spans appear in the padded batch (an ``ImageBatch``
+    when the samples carry one: AnyRes, multi-image, video)."""
     if not samples:
         return {"size": 0, "ids": []}
     ids = [s["input_ids"] for s in samples]
@@ -30,7 +33,7 @@ def collate(samples: list[dict[str, Any]], pad_id: int, left: bool = False) -> d
         "ids": [s["id"] for s in samples],
         "input_ids": _pad(ids, pad_id, left),
         "attention_mask": _pad([torch.ones_like(i) for i in ids], 0, left),
-        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+        "pixel_values": cat_pixels([s["pixel_values"] for s in samples]),
     }
     if "labels" in samples[0]:
         batch["labels"] = _pad([s["labels"] for s in samples], IGNORE_INDEX, left)

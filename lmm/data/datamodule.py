@@ -11,9 +11,13 @@ import lightning as L
 
 from lmm.data.collate import collate
 from lmm.data.encode import Processor, SampleEncoder
+from lmm.data.image import DEFAULT_MAX_IMAGE_PIXELS
 from lmm.data.mixing import MixIndex, ShardSet, as_shard_sets, describe_mix
+from lmm.data.packing import pack
+from lmm.data.quality import BadSampleMonitor
 from lmm.data.shards import PlannedStream, ResumableLoader, ShardStream, expand_shards, make_loader
 from lmm.data.templates import get_template
+from lmm.registry import ConfigError
 
 log = logging.getLogger("lmm")
 
@@ -71,10 +75,22 @@ class LMMDataModule(L.LightningDataModule):
             ``manifest.json`` (text tokens + images x tokens per image).
         group_window: Batches per grouping window: samples are sorted by length within windows
             of ``group_window x batch_size`` samples, then the window's batches are shuffled.
+        pack_length: Pack each training batch's samples into rows of at most this many tokens
+            (first-fit decreasing) instead of padding every sample to the longest; each
+            sample keeps its own positions and attention block, so losses are unchanged and
+            padding is not computed. ``None``: no packing. Must be >= ``max_length``.
         strict_resume: A checkpoint whose data position was saved with another mix, batch
             size, seed, grouping or number of devices is an error; ``false`` restarts that
             epoch from its first batch instead.
         blank_images: Replace every image by a blank one (control: are answers from the image?).
+        max_image_pixels: Images with more pixels (width x height, read from the header before
+            decoding) are skipped as ``image_too_large``: a decompression bomb is never decoded.
+            PIL itself refuses above 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (179M) whatever this says.
+        max_bad_fraction: Stop the run with a report (counts and examples per skip reason) when
+            more than this share of the samples a stage (training, validation, test) was handed
+            had to be skipped; 1.0 never stops. Single bad samples are skipped and counted.
+        bad_fraction_min_samples: Samples a stage must have seen before ``max_bad_fraction`` is
+            checked, so a few bad samples at the start are not taken for a rate.
         processor: Tokenizer and image facts; linked from the model by the CLI.
     """
 
@@ -93,8 +109,12 @@ class LMMDataModule(L.LightningDataModule):
         seed: int = 0,
         group_by_length: bool = False,
         group_window: int = 16,
+        pack_length: Optional[int] = None,
         strict_resume: bool = True,
         blank_images: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_bad_fraction: float = 0.1,
+        bad_fraction_min_samples: int = 200,
         processor: Optional[Processor] = None,
     ) -> None:
         super().__init__()
@@ -114,8 +134,23 @@ class LMMDataModule(L.LightningDataModule):
             raise ValueError(f"data.group_window must be >= 1, got {group_window}")
         self.group_by_length = group_by_length
         self.group_window = group_window
+        if pack_length is not None and pack_length < max_length:
+            raise ConfigError(
+                f"data.pack_length={pack_length} is below data.max_length={max_length}: a row must hold the "
+                "longest sample; raise pack_length (e.g. to a multiple of max_length) or unset it"
+            )
+        self.pack_length = pack_length
         self.strict_resume = strict_resume
         self.blank_images = blank_images
+        if max_image_pixels < 1 or not 0.0 <= max_bad_fraction <= 1.0 or bad_fraction_min_samples < 0:
+            raise ConfigError(
+                f"data.max_image_pixels ({max_image_pixels}) must be >= 1, data.max_bad_fraction ({max_bad_fraction}) "
+                f"within [0, 1] and data.bad_fraction_min_samples ({bad_fraction_min_samples}) >= 0"
+            )
+        self.max_image_pixels = max_image_pixels
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_fraction_min_samples = bad_fraction_min_samples
+        self._bad: dict[str, BadSampleMonitor] = {}  # per stage
         self.processor = processor
         self._train_loader: Optional[ResumableLoader] = None
         self._plan_key: Optional[dict] = None
@@ -127,7 +162,13 @@ class LMMDataModule(L.LightningDataModule):
     def _encoder(self) -> SampleEncoder:
         if self.processor is None:
             raise RuntimeError("LMMDataModule needs a processor: pass processor=model.processor (the CLI links it)")
-        return SampleEncoder(self.processor, self.template, self.max_length, self.blank_images)
+        return SampleEncoder(self.processor, self.template, self.max_length, self.blank_images, self.max_image_pixels)
+
+    def bad_samples(self, stage: str) -> BadSampleMonitor:
+        """The skip counts of ``stage`` (``training``, ``validation`` or ``test``)."""
+        if stage not in self._bad:
+            self._bad[stage] = BadSampleMonitor(stage, self.max_bad_fraction, self.bad_fraction_min_samples)
+        return self._bad[stage]
 
     def _placement(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -165,7 +206,8 @@ class LMMDataModule(L.LightningDataModule):
         stream = PlannedStream(
             index,
             encode=enc.train_sample,
-            collate=partial(collate, pad_id=self._pad_id()),
+            collate=(partial(pack, pad_id=self._pad_id(), budget=self.pack_length) if self.pack_length
+                     else partial(collate, pad_id=self._pad_id())),
             batch_size=self.batch_size,
             seed=self.seed,
             shuffle=self.shuffle_buffer != 0,
@@ -205,13 +247,18 @@ class LMMDataModule(L.LightningDataModule):
         # Called for the batch a training step is about to use (after Lightning's prefetch), so
         # this, not the loader's count, is what a checkpoint taken after that step has consumed.
         trainer = self.trainer
-        if isinstance(batch, dict) and "position" in batch and getattr(trainer, "training", False):
+        training = getattr(trainer, "training", False)
+        if isinstance(batch, dict) and "position" in batch and training:
             pos = batch["position"]
             self._trained = (int(pos["epoch"]), int(pos["index"]) + 1)
+        if isinstance(batch, dict) and "skipped" in batch:
+            stage = "training" if training else "test" if getattr(trainer, "testing", False) else "validation"
+            self.bad_samples(stage).update(batch)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """The training position: ``batches`` of epoch ``epoch`` consumed, plus the plan it refers to."""
+        """The training position: ``batches`` of epoch ``epoch`` consumed, plus the plan it refers
+        to and the training skip counts (so the bad-sample rate continues across a resume)."""
         if self._trained is not None:
             epoch, batches = self._trained
         elif self.trainer is None and self._train_loader is not None and self._train_loader.position is not None:
@@ -220,11 +267,13 @@ class LMMDataModule(L.LightningDataModule):
             epoch, batches = int(self._pending["epoch"]), int(self._pending["batches"])
         else:
             return {}
-        return {"epoch": epoch, "batches": batches, "plan": dict(self._plan_key or {})}
+        return {"epoch": epoch, "batches": batches, "plan": dict(self._plan_key or {}),
+                "bad_samples": self.bad_samples("training").state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        self.bad_samples("training").load_state_dict(state_dict.get("bad_samples") or {})
         self._pending = dict(state_dict)
         self._trained = None
         if self._train_loader is not None:

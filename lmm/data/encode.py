@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from lmm.data.errors import SampleError, TemplateMismatchError, UnsafeShardError
-from lmm.data.image import IMAGE_EXTENSIONS, ImageTransform, decode_image
+from lmm.data.image import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ImageTransform, decode_image
 from lmm.data.templates import ConversationError, NoAssistantTurnError, Template, parse_conversation
+from lmm.data.visuals import modality_of, placeholders, tiles, video_unsupported
+from lmm.model.image_batch import ImageBatch, PixelValues
 from lmm.model.image_spec import ImageSpec
+from lmm.model.visual_layout import VisualLayout
 
 IGNORE_INDEX = -100
 # Members that would run code when decoded; a shard holding one is refused outright.
@@ -22,19 +25,26 @@ _PICKLE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz")
 
 @dataclass
 class Processor:
-    """Model-side facts the data needs: tokenizer, image spec, tokens per image."""
+    """Model-side facts the data needs: tokenizer, image spec, tokens per image.
+
+    ``layout`` (the model's ``image_layout``; None without ``model.vision.anyres/video``) makes
+    each image's tokens depend on its size and kind, and ``pixel_values`` an ``ImageBatch``.
+    """
 
     tokenizer: Any
     image_spec: ImageSpec
     num_image_tokens: int
     image_token_id: int
+    layout: Optional[VisualLayout] = None
 
 
 class SampleEncoder:
     """Turns raw shard samples (json + image bytes) into model inputs for one stage."""
 
-    def __init__(self, processor: Processor, template: Template, max_length: int, blank_images: bool = False) -> None:
+    def __init__(self, processor: Processor, template: Template, max_length: int, blank_images: bool = False,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.processor = processor
+        self.max_image_pixels = max_image_pixels
         # A template sees the tokenizer once: checks its end-of-turn, or renders with it (``tokenizer``).
         self.template = template.bind(processor.tokenizer)
         self.max_length = max_length
@@ -80,10 +90,28 @@ class SampleEncoder:
         images = []
         for name in sorted(n for n in raw if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS):
             try:
-                images.append(decode_image(raw[name]))
-            except Exception as err:  # PIL raises many types for bad bytes
-                raise SampleError("image_decode", f"sample {key!r}: member {name!r} is not a readable image ({err})") from None
+                images.append(decode_image(raw[name], self.max_image_pixels))
+            except SampleError as err:
+                raise SampleError(err.reason, f"sample {key!r}: member {name!r}: {err}") from None
         return meta, images
+
+    def visual_inputs(self, meta: dict, images: list) -> tuple[list[int], Callable[[int], PixelValues]]:
+        """Tokens per ``<image>`` placeholder, and a function giving the ``pixel_values`` of the
+        first k placeholders (truncation may keep fewer)."""
+        n = self.processor.num_image_tokens
+        layout = self.processor.layout
+        if layout is None:
+            if modality_of(meta) == "video":
+                raise video_unsupported(meta)
+            return [n] * len(images), lambda k: self.pixels(images[:k])
+        items = placeholders(meta, images, layout)
+
+        def pixel_values(k: int) -> ImageBatch:
+            kept = items[:k]
+            parts = [tiles(v, imgs, layout, self.transform, self.blank_images) for v, imgs in kept]
+            return ImageBatch.of_sample(torch.cat(parts) if parts else self._no_pixels(), [v for v, _ in kept])
+
+        return [layout.count(v) for v, _ in items], pixel_values
 
     def pixels(self, images: list) -> torch.Tensor:
         if self.blank_images:
@@ -102,25 +130,30 @@ class SampleEncoder:
         except ConversationError as err:
             raise SampleError("malformed", f"sample {meta['id']!r}: {err}") from None
 
-    def _expand_images(self, ids: np.ndarray, labels: np.ndarray, n_images: int, sample_id: str):
+    def _expand_images(self, ids: np.ndarray, labels: np.ndarray, n_images: int, sample_id: str,
+                       counts: Optional[list[int]] = None):
+        """Repeat the i-th ``<image>`` id ``counts[i]`` times (default: ``num_image_tokens`` each)."""
         is_image = ids == self.processor.image_token_id
         n_tokens = int(is_image.sum())
         if n_tokens != n_images:
             raise SampleError("image_count", f"sample {sample_id!r}: {n_tokens} <image> token(s) but {n_images} image(s)")
-        repeats = np.where(is_image, self.processor.num_image_tokens, 1)
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[is_image] = self.processor.num_image_tokens if counts is None else counts
         return np.repeat(ids, repeats), np.repeat(labels, repeats)
 
-    def _truncate(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Cut to ``max_length``; a cut inside an image span moves to the span's start and
-        drops that image. Returns ids, labels and the number of images kept."""
-        is_image = ids == self.processor.image_token_id
+    def _truncate(self, ids: np.ndarray, labels: np.ndarray, counts: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Cut to ``max_length``; a cut inside an image span (the i-th of ``counts[i]`` ids)
+        moves to the span's start and drops that image. Returns ids, labels and the number of
+        images kept."""
         cut = min(len(ids), self.max_length)
-        if cut < len(ids) and cut > 0 and is_image[cut - 1] and is_image[cut]:
-            # Adjacent images form one run of k*N ids; spans start every N ids within it.
-            starts = np.flatnonzero(is_image[:cut] & ~np.concatenate([[False], is_image[: cut - 1]]))
-            cut -= (cut - int(starts[-1])) % self.processor.num_image_tokens
-        kept_images = int(is_image[:cut].sum()) // self.processor.num_image_tokens
-        return ids[:cut], labels[:cut], kept_images
+        image_pos = np.flatnonzero(ids == self.processor.image_token_id)
+        ends = np.cumsum(counts, dtype=np.int64)
+        span_start = image_pos[ends - np.asarray(counts, dtype=np.int64)]
+        span_end = image_pos[ends - 1] + 1
+        kept = int((span_end <= cut).sum())
+        if kept < len(counts) and span_start[kept] < cut:
+            cut = int(span_start[kept])
+        return ids[:cut], labels[:cut], kept
 
     def encode_train(self, meta: dict, images: list) -> dict:
         """Training sample: ``input_ids``, ``labels`` (assistant tokens only), ``pixel_values``."""
@@ -135,15 +168,16 @@ class SampleEncoder:
         except ConversationError as err:
             raise SampleError("malformed", f"sample {sid!r}: {err}") from None
         ids, labels = self._label(text, spans, sid)
-        ids, labels = self._expand_images(ids, labels, len(images), sid)
-        ids, labels, kept = self._truncate(ids, labels)
+        counts, pixel_values = self.visual_inputs(meta, images)
+        ids, labels = self._expand_images(ids, labels, len(counts), sid, counts)
+        ids, labels, kept = self._truncate(ids, labels, counts)
         if not (labels != IGNORE_INDEX).any():
             raise SampleError("overlong", f"sample {sid!r}: no answer token fits in max_length={self.max_length}")
         return {
             "id": sid,
             "input_ids": torch.from_numpy(ids),
             "labels": torch.from_numpy(labels),
-            "pixel_values": self.pixels(images[:kept]),
+            "pixel_values": pixel_values(kept),
         }
 
     def encode_prompt(self, meta: dict, images: list) -> dict:
@@ -159,10 +193,11 @@ class SampleEncoder:
         except ConversationError as err:
             raise SampleError("malformed", f"sample {sid!r}: {err}") from None
         ids = np.asarray(self.processor.tokenizer(text)["input_ids"], dtype=np.int64)
-        ids, _ = self._expand_images(ids, np.zeros_like(ids), len(images), sid)
+        counts, pixel_values = self.visual_inputs(meta, images)
+        ids, _ = self._expand_images(ids, np.zeros_like(ids), len(counts), sid, counts)
         if len(ids) > self.max_length:
             raise SampleError("overlong", f"sample {sid!r}: prompt of {len(ids)} tokens exceeds max_length={self.max_length}")
-        return {"id": sid, "input_ids": torch.from_numpy(ids), "pixel_values": self.pixels(images), "meta": meta}
+        return {"id": sid, "input_ids": torch.from_numpy(ids), "pixel_values": pixel_values(len(counts)), "meta": meta}
 
     def _label(self, text: str, spans: list[tuple[int, int]], sid: str) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize ``text`` once; a token is supervised iff it overlaps an assistant span.

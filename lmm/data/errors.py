@@ -4,7 +4,9 @@ from __future__ import annotations
 # Reasons a sample is skipped; counters and TensorBoard scalars use these exact names.
 SKIP_REASONS = (
     "malformed",  # json missing / not the LLaVA schema
-    "image_decode",  # corrupt, truncated or empty image bytes
+    "image_decode",  # corrupt, truncated or empty image bytes, or not an allowed image format
+    "image_too_large",  # more pixels than data.max_image_pixels (a decompression bomb is never decoded)
+    "image_mode",  # a pixel mode that cannot be converted to RGB
     "image_count",  # number of <image> tokens differs from the number of images
     "no_assistant",  # nothing to learn from
     "overlong",  # no supervised token fits in max_length (or prompt too long)

@@ -7,11 +7,13 @@ pixels are normalised (``ImageTransform``).
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from lmm.data.errors import SampleError
 from lmm.model.image_spec import PREPROCESS_MODES, ImageSpec
 from lmm.registry import ConfigError
 
@@ -23,10 +25,46 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode image bytes (so truncated files fail here, not later)."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
+# What image members are opened as: PIL never hands shard bytes to another decoder (EPS, for
+# one, would run Ghostscript). JPEG covers multi-picture JPEGs (MPO) too.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Pixel modes ``to_rgb`` converts (tested one by one); any other mode is skipped as image_mode.
+RGB_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+                         "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Fully decode image bytes (so truncated files fail here, not later).
+
+    Raises ``SampleError``: ``image_decode`` for empty, corrupt or truncated bytes or a format
+    outside ``IMAGE_FORMATS``; ``image_too_large`` above ``max_pixels`` pixels (read from the
+    header, before any pixel is decoded; PIL itself refuses above 2 x ``Image.MAX_IMAGE_PIXELS``);
+    ``image_mode`` for a mode outside ``RGB_CONVERTIBLE_MODES``.
+    """
+    if not data:
+        raise SampleError("image_decode", "empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            # The cap below decides; PIL's warning for sizes between its two limits is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as err:
+        raise SampleError("image_too_large", str(err)) from None
+    except UnidentifiedImageError:
+        raise SampleError("image_decode", f"not a readable {'/'.join(IMAGE_FORMATS)} image") from None
+    except Exception as err:  # PIL raises many types for bad bytes
+        raise SampleError("image_decode", f"unreadable image header ({err})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise SampleError("image_too_large", f"{width}x{height} = {width * height:,} pixels, more than "
+                          f"data.max_image_pixels={max_pixels:,}")
+    if img.mode not in RGB_CONVERTIBLE_MODES:
+        raise SampleError("image_mode", f"pixel mode {img.mode!r} has no conversion to RGB")
+    try:
+        img.load()
+    except Exception as err:
+        raise SampleError("image_decode", f"corrupt or truncated image data ({err})") from None
     return img
 
 
@@ -130,7 +168,10 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """Any PIL image -> ``[3, size, size]`` normalised float tensor."""
-        rgb = self.prepare(img)
+        return self.normalise(self.prepare(img))
+
+    def normalise(self, rgb: Image.Image) -> torch.Tensor:
+        """An RGB image already at the tower's size (e.g. an AnyRes crop) -> normalised tensor."""
         x = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         return (x - self._mean) / self._std
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -194,16 +194,25 @@ class MixIndex:
 
     def _group(self, ids: np.ndarray, epoch: int, seed: int, rank: int, batch_size: int, window: int,
                image_tokens: int) -> np.ndarray:
-        lengths = self.lengths(image_tokens)
-        out = []
-        size = window * batch_size
-        for w, start in enumerate(range(0, len(ids), size)):
-            chunk = ids[start : start + size]
-            # Modality first, then length; a stable sort keeps the shuffled order among equals.
-            order = np.lexsort((lengths[chunk], self.images[chunk] > 0))
-            batches = chunk[order].reshape(-1, batch_size)
-            out.append(batches[_rng(seed, epoch, rank, w, 4).permutation(len(batches))].reshape(-1))
-        return np.concatenate(out)
+        return group_by_length(ids, self.lengths(image_tokens), self.images > 0, batch_size, window,
+                               lambda w, n: _rng(seed, epoch, rank, w, 4).permutation(n))
+
+
+def group_by_length(ids: np.ndarray, lengths: np.ndarray, has_image: np.ndarray, batch_size: int, window: int,
+                    permutation: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """``ids`` reordered so each batch holds samples of one modality and similar length:
+    within each window of ``window x batch_size`` samples, sort by (modality, length), cut
+    into batches and put the window's batches in the order ``permutation(w, n_batches)``.
+    ``lengths``/``has_image`` are indexed by id; ``len(ids)`` must be a multiple of the batch."""
+    out = []
+    size = window * batch_size
+    for w, start in enumerate(range(0, len(ids), size)):
+        chunk = ids[start : start + size]
+        # Modality first, then length; a stable sort keeps the shuffled order among equals.
+        order = np.lexsort((lengths[chunk], has_image[chunk]))
+        batches = chunk[order].reshape(-1, batch_size)
+        out.append(batches[permutation(w, len(batches))].reshape(-1))
+    return np.concatenate(out)
 
 
 def describe_mix(index: MixIndex, batch_size: int, world_size: int) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import glob
 import os
 import random
+import signal
+import threading
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -62,8 +64,8 @@ class ShardStream(IterableDataset):
 
     Batching happens here, in the worker, so decode + transform + tokenize + collate run in
     parallel; the DataLoader only moves finished batches. Skipped samples are counted by
-    reason and attached to the next batch (``batch["skipped"]``), so the counts reach the
-    training process whatever worker saw them.
+    reason and attached to the next batch (``batch["skipped"]``, with ``batch["skip_notes"]``:
+    ``(reason, message)`` per skip), so they reach the main process whatever worker saw them.
     """
 
     def __init__(
@@ -109,9 +111,11 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         urls, worker = self._my_urls()
         skipped: Counter[str] = Counter()
+        notes: list[tuple[str, str]] = []
 
         def on_read_error(exn: Exception) -> bool:
             skipped["shard_read"] += 1
+            notes.append(("shard_read", str(exn)))
             return True  # keep going with the next member / shard
 
         samples = wds.tarfile_to_samples(handler=on_read_error)({"url": u} for u in urls)
@@ -132,16 +136,18 @@ class ShardStream(IterableDataset):
                 batch.append(item)
             except SampleError as err:
                 skipped[err.reason] += 1
+                notes.append((err.reason, f"{url}: {err}"))
                 continue
             if len(batch) == self.batch_size:
-                yield self._finish(batch, skipped)
-                batch, skipped = [], Counter()
+                yield self._finish(batch, skipped, notes)
+                batch, skipped, notes = [], Counter(), []
         if batch or skipped:
-            yield self._finish(batch, skipped)
+            yield self._finish(batch, skipped, notes)
 
-    def _finish(self, batch: list[dict], skipped: Counter) -> dict:
+    def _finish(self, batch: list[dict], skipped: Counter, notes: list[tuple[str, str]]) -> dict:
         out = self.collate(batch)
         out["skipped"] = dict(skipped)
+        out["skip_notes"] = notes
         out.update(self.extra)
         return out
 
@@ -164,6 +170,7 @@ def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         generator=_own_generator(),
+        worker_init_fn=_leave_sigterm_to_main,
     )
 
 
@@ -173,6 +180,23 @@ def _own_generator() -> torch.Generator:
     from the global RNG would shift the training's dropout masks by whether (and how often) a
     loader was iterated, so a resumed run would not repeat the uninterrupted one."""
     return torch.Generator().manual_seed(0)
+
+
+def _leave_sigterm_to_main(worker_id: int) -> None:
+    """A worker ends on a SIGTERM from its main process (the DataLoader's shutdown, as PyTorch's
+    own worker handler does) and ignores one from anyone else: a scheduler that signals every
+    process of a job (SLURM) must not kill it, which PyTorch would turn into an error in the
+    main process before that has written its final checkpoint (``lmm.fault``). Python handlers
+    do not see the sender, so a thread waits for the signal instead."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm", daemon=True).start()
 
 
 # -- training: the planned, resumable stream ---------------------------------------------------------
@@ -282,19 +306,23 @@ class PlannedStream(IterableDataset):
 
     def _batch(self, gids: Any, j: int, readers: _Readers) -> dict:
         skipped: Counter[str] = Counter()
+        notes: list[tuple[str, str]] = []
         samples = []
         for gid, shard in zip(gids.tolist(), self.index.shard_of(gids).tolist()):
             try:
                 raw = readers.read(shard, gid - int(self.index.offsets[shard]))
-            except OSError:
+            except OSError as err:
                 skipped["shard_read"] += 1
+                notes.append(("shard_read", str(err)))
                 continue
             try:
                 samples.append(self.encode(raw))
             except SampleError as err:
                 skipped[err.reason] += 1
+                notes.append((err.reason, f"{self.index.urls[shard]}: {err}"))
         out = self.collate(samples)
         out["skipped"] = dict(skipped)
+        out["skip_notes"] = notes
         out["position"] = {"epoch": self.epoch, "index": j}
         return out
 
@@ -336,7 +364,8 @@ class ResumableLoader(DataLoader):
     def __init__(self, stream: PlannedStream, num_workers: int, epoch_fn: Callable[[], int | None] | None = None,
                  state: Any = None) -> None:
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                         pin_memory=torch.cuda.is_available(), generator=_own_generator())
+                         pin_memory=torch.cuda.is_available(), generator=_own_generator(),
+                         worker_init_fn=_leave_sigterm_to_main)
         self.epoch_fn = epoch_fn
         self.state = state
         self.resume: tuple[int, int] | None = None

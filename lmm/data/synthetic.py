@@ -250,6 +250,13 @@ def sample_objects(cfg: WorldConfig, rng: np.random.Generator) -> list[WorldObje
         mate = partners.get(kind)
         if mate is not None and mate not in kinds and len(kinds) < n and rng.random() < cfg.partner_prob:
             kinds.append(mate)
+    return place_objects(cfg, kinds, rng)
+
+
+def place_objects(cfg: WorldConfig, kinds: Sequence[str], rng: np.random.Generator) -> list[WorldObject]:
+    """Put objects of ``kinds`` in distinct random cells, with random colours, sizes and
+    jitter; sorted in row-major cell order."""
+    n = len(kinds)
     cells = rng.choice(cfg.grid * cfg.grid, size=n, replace=False)  # random cells => random kind->cell map
     colors = rng.integers(len(cfg.colors), size=n)
     fracs = rng.uniform(cfg.size_range[0], cfg.size_range[1], size=n)
@@ -650,7 +657,8 @@ def _eval_image(cfg: WorldConfig, split: str, stats: dict[str, Any], index: int)
 
 
 class ShardedTarWriter:
-    """Writes ``{key}.png`` + ``{key}.json`` samples into ``shard-{k:06d}.tar`` files of bounded size."""
+    """Writes ``{key}.png`` + ``{key}.json`` samples (or any members) into ``shard-{k:06d}.tar``
+    files of bounded size."""
 
     def __init__(self, out_dir: Path, split: str, samples_per_shard: int) -> None:
         self.out_dir, self.split, self.limit = out_dir, split, samples_per_shard
@@ -660,7 +668,11 @@ class ShardedTarWriter:
         self._tar: Any = None
 
     def write(self, key: str, png: bytes, json_bytes: bytes) -> None:
-        """Append one sample, starting a new shard when the current one is full."""
+        """Append one single-image sample, starting a new shard when the current one is full."""
+        self.write_members(key, {"png": png, "json": json_bytes})
+
+    def write_members(self, key: str, members: dict[str, bytes]) -> None:
+        """Append one sample of any members (e.g. ``000.png``, ``001.png``, ``json``)."""
         import webdataset as wds  # imported lazily: only shard writing needs it
 
         if self._tar is None or self.num_samples % self.limit == 0:
@@ -671,7 +683,7 @@ class ShardedTarWriter:
             # Fixed mtime + pre-encoded bytes => byte-identical tars across runs.
             self._tar = wds.TarWriter(self._file, encoder=False, mtime=_TAR_MTIME)
             self.shards.append(rel)
-        self._tar.write({"__key__": key, "png": png, "json": json_bytes})
+        self._tar.write({"__key__": key, **members})
         self.num_samples += 1
 
     def _close_current(self) -> None:

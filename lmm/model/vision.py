@@ -23,8 +23,10 @@ from typing import Callable, Literal, Optional, TypeVar
 import torch
 from torch import nn
 
+from lmm.model.anyres import AnyResConfig
 from lmm.model.image_spec import ImageSpec, Preprocess
 from lmm.model.loading import MissingWeightsError
+from lmm.model.video import VideoConfig
 from lmm.registry import ConfigError, Registry
 
 T = TypeVar("T")
@@ -55,7 +57,14 @@ class VisionConfig:
         image_preprocess: How a non-square image becomes the tower's square input: ``pad``
             (pad to a square with the mean colour, then resize; LLaVA-1.5), ``letterbox``
             (scale to fit keeping the aspect ratio, pad with the mean colour) or ``resize``
-            (squash).
+            (squash). With ``anyres`` it shapes the base view; the crops keep the aspect ratio.
+        anyres: AnyRes views of a sample's single image (LLaVA-NeXT / OneVision): a base view
+            plus a grid of crops, stitched, unpadded, budgeted, a newline per row (fields:
+            ``--model.vision.anyres.help AnyResConfig``). None: one view per image. The
+            tokens per image then depend on its size (``lmm.model.visual_layout``).
+        video: Video samples (json ``"modality": "video"``, frames as image members): frame
+            cap and per-frame pooling (``--model.vision.video.help VideoConfig``). None: video
+            samples are skipped as malformed.
     """
 
     kind: str = "hf"
@@ -63,6 +72,15 @@ class VisionConfig:
     feature_layer: Optional[int] = None
     select: Literal["auto", "patch", "full"] = "auto"
     image_preprocess: Preprocess = "pad"
+    anyres: Optional[AnyResConfig] = None
+    video: Optional[VideoConfig] = None
+
+    def __post_init__(self) -> None:
+        # Checkpoints (hyperparameters, lmm.json) store the nested settings as plain dicts.
+        if isinstance(self.anyres, dict):
+            self.anyres = AnyResConfig(**self.anyres)
+        if isinstance(self.video, dict):
+            self.video = VideoConfig(**self.video)
 
 
 class VisionTower(nn.Module, ABC):

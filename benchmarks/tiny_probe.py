@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 
-def probe(features: torch.Tensor, labels: torch.Tensor, n_train: int, steps: int = 300) -> float:
-    """Accuracy on occupied cells (label > 0) of a softmax regression fitted on the first ``n_train`` rows."""
+def probe(features: torch.Tensor, labels: torch.Tensor, n_train: int, steps: int = 300) -> tuple[float, list[float]]:
+    """Accuracy on occupied cells (label > 0) of a softmax regression fitted on the first
+    ``n_train`` rows, overall and per class (classes 1..max)."""
     mu, sd = features[:n_train].mean(0), features[:n_train].std(0) + 1e-5
     z = (features - mu) / sd
     w = torch.zeros(z.shape[1], int(labels.max()) + 1, requires_grad=True)
@@ -31,8 +32,10 @@ def probe(features: torch.Tensor, labels: torch.Tensor, n_train: int, steps: int
         opt.step()
     with torch.no_grad():
         pred = (z[n_train:] @ w + b).argmax(1)
-    occupied = labels[n_train:] > 0
-    return (pred[occupied] == labels[n_train:][occupied]).float().mean().item()
+    truth = labels[n_train:]
+    occupied = truth > 0
+    per_class = [(pred[truth == c] == c).float().mean().item() for c in range(1, int(labels.max()) + 1)]
+    return (pred[occupied] == truth[occupied]).float().mean().item(), per_class
 
 
 def main() -> None:
@@ -76,8 +79,9 @@ def main() -> None:
     for name, feats in (("tower", tower), ("connector", image_embeds)):
         flat = feats.reshape(-1, feats.shape[-1])
         with torch.enable_grad():
-            accs = [probe(flat, labels[k], n_train) for k in ("shape", "colour")]
-        print(f"{name:<12}{accs[0]:>10.3f}{accs[1]:>12.3f}")
+            (shape_acc, per_shape), (colour_acc, _) = (probe(flat, labels[k], n_train) for k in ("shape", "colour"))
+        print(f"{name:<12}{shape_acc:>10.3f}{colour_acc:>12.3f}   per shape: "
+              + ", ".join(f"{kind} {acc:.3f}" for kind, acc in zip(world.shapes, per_shape)))
     img_norm, tok_norm = image_embeds.norm(dim=-1).mean().item(), token_embeds.norm(dim=-1).mean().item()
     print(f"mean L2 norm: image embeddings {img_norm:.2f}, token embeddings {tok_norm:.3f}, ratio {img_norm / tok_norm:.1f}x")
 

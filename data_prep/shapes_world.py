@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability that a finetune conversation gets a 'Describe the image.' turn",
     )
     p.add_argument(
+        "--turns-per-sample",
+        type=int,
+        default=_DEFAULTS.turns_per_sample,
+        help="split each finetune conversation into samples of at most this many turns (0 = whole conversations)",
+    )
+    p.add_argument(
+        "--balanced-exist",
+        action="store_true",
+        help="ask every kind's existence question as often with answer Yes as with No",
+    )
+    p.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: all cores); output does not depend on it"
     )
     p.add_argument("--overwrite", action="store_true", help="regenerate even if a manifest with the same config exists")
@@ -78,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples_per_shard=args.samples_per_shard,
             eval_samples_per_shard=args.eval_samples_per_shard,
             describe_prob=args.describe_prob,
+            turns_per_sample=args.turns_per_sample,
+            balanced_exist=args.balanced_exist,
             seed=args.seed,
         )
     except ValueError as err:

@@ -291,29 +291,29 @@ def test_config_validation() -> None:
     assert syn.WorldConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def _shapes_world(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep.shapes_world", *args], cwd=REPO, capture_output=True, text=True
+    )
+
+
 def test_cli(tmp_path: Path) -> None:
-    help_run = subprocess.run(
-        [sys.executable, "-m", "data_prep.shapes_world", "--help"], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    assert "--train-images" in help_run.stdout and "--seed" in help_run.stdout
+    help_run = _shapes_world("--help")
+    assert help_run.returncode == 0 and "--train-images" in help_run.stdout and "--seed" in help_run.stdout
     out = tmp_path / "cli_world"
-    args = ["--out", str(out), "--train-images", "20", "--val-images", "4", "--test-images", "4", "--seed", "5"]
-    run = subprocess.run(
-        [sys.executable, "-m", "data_prep.shapes_world", *args, "--no-progress", "--workers", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    args = ["--train-images", "20", "--val-images", "4", "--test-images", "4", "--seed", "5", "--no-progress", "--workers", "1"]
+    run = _shapes_world("--out", str(out), *args)
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 5 and manifest["splits"]["pretrain"]["num_samples"] == 20
-    bad = subprocess.run(
-        [sys.executable, "-m", "data_prep.shapes_world", "--out", str(out), "--grid", "4"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode != 0
+    assert manifest["config"]["turns_per_sample"] == 0 and not manifest["config"]["balanced_exist"]
+    split_out = tmp_path / "cli_world_split"
+    run = _shapes_world("--out", str(split_out), *args, "--turns-per-sample", "1", "--balanced-exist")
+    assert run.returncode == 0, run.stderr
+    split = json.loads((split_out / "manifest.json").read_text())
+    assert split["config"]["turns_per_sample"] == 1 and split["config"]["balanced_exist"]
+    assert split["splits"]["finetune"]["num_samples"] > 20  # one sample per question, ~3 per image
+    assert _shapes_world("--out", str(out), "--grid", "4").returncode != 0
 
 
 def test_category_weights_shift_the_question_mix():
@@ -353,3 +353,64 @@ def test_image_after_question_moves_only_the_placeholder(tmp_path: Path) -> None
             question = first_b.removeprefix("<image>\n")
             assert first_b == "<image>\n" + question and first_a == question + "\n<image>"
             assert b["json"]["conversations"][1:] == a["json"]["conversations"][1:]
+
+
+def test_turns_per_sample_splits_each_conversation_without_changing_it(tmp_path: Path) -> None:
+    """``turns_per_sample=1``: every turn of an image's conversation becomes its own sample
+    (same image, question placed as the first turn's), in order; pretrain/eval are unchanged."""
+    runs = {}
+    for k in (0, 1, 2):
+        cfg = small_cfg(turns_per_sample=k, image_after_question=True, train_images=6, val_images=2, test_images=2)
+        out = tmp_path / str(k)
+        manifest = syn.write_world(out, cfg, num_workers=1, progress=False)
+        runs[k] = {split: read_split(out, manifest, split) for split in ("pretrain", "finetune", "test/short_answer")}
+    whole = runs[0]["finetune"]
+    for k in (1, 2):
+        assert runs[k]["pretrain"] == runs[0]["pretrain"] and runs[k]["test/short_answer"] == runs[0]["test/short_answer"]
+        parts = runs[k]["finetune"]
+        by_image = defaultdict(list)
+        for s in parts:
+            by_image[s["json"]["id"].rsplit("-t", 1)[0]].append(s)
+        assert sorted(by_image) == sorted(s["json"]["id"] for s in whole)
+        for sample in whole:
+            pieces = by_image[sample["json"]["id"]]
+            turns = sample["json"]["conversations"]
+            assert len(pieces) == -(-len(turns) // (2 * k))  # ceil(turns / k) samples
+            joined = []
+            for piece in pieces:
+                conv = piece["json"]["conversations"]
+                assert piece["png"] == sample["png"] and piece["json"]["image"] == piece["json"]["id"] + ".png"
+                assert 2 <= len(conv) <= 2 * k and conv[0]["value"].endswith("\n<image>")
+                assert all("<image>" not in t["value"] for t in conv[1:])
+                joined += [{**conv[0], "value": conv[0]["value"].removesuffix("\n<image>")}] + conv[1:]
+            assert joined == [{**turns[0], "value": turns[0]["value"].removesuffix("\n<image>")}] + turns[1:]
+    with pytest.raises(ValueError, match="turns_per_sample"):
+        syn.WorldConfig(turns_per_sample=-1)
+
+
+def _exist_answers(cfg: syn.WorldConfig, n_images: int) -> dict[str, list[int]]:
+    """kind -> [Yes count, No count] over the existence questions of ``n_images`` conversations."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for i in range(n_images):
+        objects = syn.sample_objects(cfg, syn.image_rng(cfg, "train", i, 0))
+        for question, answer, category in syn.make_conversation(cfg, objects, "", syn.image_rng(cfg, "train", i, 1)):
+            if category == "exist":
+                shape = re.match(r"Is there an? (\w+)", question).group(1)
+                counts[shape][answer == "No"] += 1
+                assert (answer == "Yes") == any(o.shape == shape for o in objects)
+    return counts
+
+
+def test_balanced_exist_asks_every_kind_as_often_yes_as_no() -> None:
+    """With a coin per question the rarest kind is mostly asked while absent (a prior a model
+    can answer from); ``balanced_exist`` makes Yes and No equally likely for every kind."""
+    base = syn.WorldConfig(category_weights=(1, 1, 1, 1, 3), min_turns=3, max_turns=6)
+    presence = syn.kind_presence(base)
+    assert presence["circle"] > presence["star"] + 0.15  # the linear kind weights, 3 down to 1
+    plain = _exist_answers(base, 2000)
+    yes, no = plain["star"]
+    assert yes / (yes + no) < 0.4
+    balanced = _exist_answers(syn.WorldConfig(**{**base.__dict__, "balanced_exist": True}), 2000)
+    for shape in base.shapes:
+        yes, no = balanced[shape]
+        assert yes + no > 300 and abs(yes / (yes + no) - 0.5) < 0.06, (shape, yes, no)

@@ -21,6 +21,7 @@ Public entry points: :class:`WorldConfig`, :func:`make_image`,
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import multiprocessing
@@ -142,6 +143,17 @@ class WorldConfig:
     (LLaVA's instruction data uses both orders). With the question first, every image token
     can attend to it, so a tiny LM can mark the matching object inside the image span
     instead of searching the image from the question."""
+    balanced_exist: bool = False
+    """Decide the existence questions of an image kind by kind, asking about a present kind
+    with probability P(kind absent) and about an absent kind with probability P(kind present),
+    so that every kind is answered "Yes" exactly as often as "No" (other categories then fill
+    the remaining turns). With a coin per question, rare kinds are mostly asked while absent
+    and a model can answer from the kind alone: the prior POPE is built to expose."""
+    turns_per_sample: int = 0
+    """Split each finetune conversation into samples of at most this many turns, each with its
+    own copy of the image (its first question placed by ``image_after_question``); 0 keeps one
+    conversation per image. Single-turn samples put every question where the test puts it
+    (before the image when ``image_after_question``), so the image tokens can attend to it."""
     seed: int = 0
     """Root seed of all random streams."""
 
@@ -167,6 +179,8 @@ class WorldConfig:
                              f"({', '.join(CONVERSATION_CATEGORIES)}), not all zero")
         if not 1 <= self.min_turns <= self.max_turns:
             raise ValueError("need 1 <= min_turns <= max_turns")
+        if self.turns_per_sample < 0:
+            raise ValueError("turns_per_sample must be >= 0 (0 = one conversation per image)")
         if self.samples_per_shard < 1 or self.eval_samples_per_shard < 1:
             raise ValueError("samples per shard must be positive")
         paired = [s for pair in self.partner_pairs for s in pair]
@@ -453,10 +467,36 @@ def ask(
     return question, answer, category
 
 
-def _category_order(cfg: WorldConfig, rng: np.random.Generator) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def kind_presence(cfg: WorldConfig, n_images: int = 5000) -> dict[str, float]:
+    """P(kind occurs in an image) per kind, estimated on ``n_images`` layouts of a fixed random
+    stream, so every worker process gets the same values."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, zlib.crc32(b"kind_presence")]))
+    counts = dict.fromkeys(cfg.shapes, 0)
+    for _ in range(n_images):
+        for shape in {o.shape for o in sample_objects(cfg, rng)}:
+            counts[shape] += 1
+    return {s: n / n_images for s, n in counts.items()}
+
+
+def balanced_exist_turns(cfg: WorldConfig, objects: Sequence[WorldObject], rng: np.random.Generator) -> list[Turn]:
+    """Existence questions with P(asked, Yes) = P(asked, No) for every kind (``balanced_exist``)."""
+    presence = kind_presence(cfg)
+    present = {o.shape for o in objects}
+    turns: list[Turn] = []
+    for shape in cfg.shapes:
+        p_ask = 1 - presence[shape] if shape in present else presence[shape]
+        if rng.random() < p_ask:
+            turns.append((exist_question(shape), "Yes" if shape in present else "No", "exist"))
+    return turns
+
+
+def _category_order(cfg: WorldConfig, rng: np.random.Generator, exclude_exist: bool = False) -> np.ndarray:
     """Categories in random order, drawn without replacement by ``category_weights``."""
     n = len(CONVERSATION_CATEGORIES)
     weights = np.asarray(cfg.category_weights, dtype=float)
+    if exclude_exist:
+        weights[CONVERSATION_CATEGORIES.index("exist")] = 0.0
     if np.all(weights == weights[0]):
         return rng.permutation(n)  # uniform: the same stream as before weights existed
     # Zero-weight categories are never asked.
@@ -466,13 +506,15 @@ def _category_order(cfg: WorldConfig, rng: np.random.Generator) -> np.ndarray:
 def make_conversation(
     cfg: WorldConfig, objects: Sequence[WorldObject], caption: str, rng: np.random.Generator
 ) -> list[Turn]:
-    """2-4 distinct QA turns of random categories, sometimes with one describe turn."""
+    """``min_turns``-``max_turns`` distinct QA turns of random categories (plus the balanced
+    existence questions when ``balanced_exist``), sometimes with one describe turn."""
     n_turns = int(rng.integers(cfg.min_turns, cfg.max_turns + 1))
     describe = bool(rng.random() < cfg.describe_prob)
+    exist = balanced_exist_turns(cfg, objects, rng) if cfg.balanced_exist else []
     turns: list[Turn] = []
     used: set[str] = set()
-    while len(turns) < n_turns - int(describe):
-        for idx in _category_order(cfg, rng):  # random category, fall back if impossible
+    while len(turns) < max(1, n_turns - int(describe) - len(exist)):
+        for idx in _category_order(cfg, rng, exclude_exist=cfg.balanced_exist):  # fall back if impossible
             turn = ask(cfg, CONVERSATION_CATEGORIES[int(idx)], objects, rng, used)
             if turn is not None:
                 break
@@ -480,6 +522,8 @@ def make_conversation(
             break  # every question type exhausted (cannot happen with the defaults)
         turns.append(turn)
         used.add(turn[0])
+    for turn in exist:
+        turns.insert(int(rng.integers(len(turns) + 1)), turn)
     if describe:
         turns.insert(int(rng.integers(len(turns) + 1)), (DESCRIBE_QUESTION, caption, "describe"))
     return turns
@@ -612,13 +656,20 @@ def _train_image(cfg: WorldConfig, index: int) -> tuple[list[WorldObject], list[
     objs = [o.to_json(cfg.grid) for o in objects]
     base = {"id": key, "image": f"{key}.png"}
     pretrain = {**base, "conversations": _conversation_json(cfg, [(PRETRAIN_PROMPT, caption)]), "objects": objs}
-    finetune = {
-        **base,
-        "conversations": _conversation_json(cfg, [(q, a) for q, a, _ in turns]),
-        "categories": [c for _, _, c in turns],
-        "objects": objs,
-    }
-    return objects, [("pretrain", key, png, _json_bytes(pretrain)), ("finetune", key, png, _json_bytes(finetune))]
+    samples = [("pretrain", key, png, _json_bytes(pretrain))]
+    step = cfg.turns_per_sample or max(1, len(turns))
+    for j in range(0, len(turns), step):
+        part = turns[j:j + step]
+        part_key = f"{key}-t{j:02d}" if cfg.turns_per_sample else key
+        finetune = {
+            "id": part_key,
+            "image": f"{part_key}.png",
+            "conversations": _conversation_json(cfg, [(q, a) for q, a, _ in part]),
+            "categories": [c for _, _, c in part],
+            "objects": objs,
+        }
+        samples.append(("finetune", part_key, png, _json_bytes(finetune)))
+    return objects, samples
 
 
 def _eval_image(cfg: WorldConfig, split: str, stats: dict[str, Any], index: int) -> list[Sample]:

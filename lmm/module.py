@@ -297,7 +297,7 @@ class LMMModule(L.LightningModule):
             states = [state]
         checkpoint["rng_states"] = states
         if self.checkpoint_trainable_only:
-            keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            keep = self._trainable_state_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
             checkpoint["lmm_trainable_only"] = True
 
@@ -309,13 +309,16 @@ class LMMModule(L.LightningModule):
                 "model.checkpoint_trainable_only=true and the same models, init_from and freeze policy"
             )
         if self.checkpoint_trainable_only:
-            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-            missing = sorted(trainable - set(checkpoint.get("state_dict", {})))
+            missing = sorted(self._trainable_state_keys() - set(checkpoint.get("state_dict", {})))
             if missing:
                 raise ValueError(
                     f"the checkpoint lacks {len(missing)} weight(s) this stage trains, e.g. {missing[:3]}: it was "
                     "saved under another freeze policy (resume with the policy it was trained with)"
                 )
+
+    def _trainable_state_keys(self) -> set[str]:
+        """State-dict keys of the parameters this stage trains."""
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _restore_rng(self) -> None:
         states, self._resume_rng = self._resume_rng, None

@@ -13,7 +13,8 @@ from conftest import TINY_SPEC, TOKENS_PER_IMAGE
 from lmm.checkpoint import load_weights, save_weights
 from lmm.data.collate import collate
 from lmm.model.freeze import FreezeConfig
-from lmm.model.lmm import IGNORE_INDEX, ImageTokenMismatchError
+from lmm.model.lmm import ImageTokenMismatchError
+from lmm.model.loss import IGNORE_INDEX
 from lmm.model.vision import VisionConfig, build_vision_tower
 
 N = TOKENS_PER_IMAGE

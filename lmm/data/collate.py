@@ -6,8 +6,7 @@ from typing import Any
 import torch
 
 from lmm.model.image_batch import cat_pixels
-
-IGNORE_INDEX = -100
+from lmm.model.loss import IGNORE_INDEX
 
 
 def _pad(seqs: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:

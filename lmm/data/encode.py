@@ -16,9 +16,9 @@ from lmm.data.templates import ConversationError, NoAssistantTurnError, Template
 from lmm.data.visuals import modality_of, placeholders, tiles, video_unsupported
 from lmm.model.image_batch import ImageBatch, PixelValues
 from lmm.model.image_spec import ImageSpec
+from lmm.model.loss import IGNORE_INDEX
 from lmm.model.visual_layout import VisualLayout
 
-IGNORE_INDEX = -100
 # Members that would run code when decoded; a shard holding one is refused outright.
 _PICKLE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz")
 

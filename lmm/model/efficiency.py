@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmm.model.loss import DEFAULT_CHUNK_SIZE
+
 # Set on every transformer block (tower blocks, LM decoder layers): the unit of activation
 # checkpointing, compilation and FSDP sharding (``lmm.parallel``).
 BLOCK_MARK = "_lmm_block"
@@ -38,7 +40,7 @@ class EfficiencyConfig:
     compile: bool = False
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     compile_dynamic: Optional[bool] = None
-    loss_chunk_size: int = 2048
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:

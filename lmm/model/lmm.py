@@ -14,11 +14,10 @@ from lmm.model.efficiency import mark_blocks
 from lmm.model.freeze import FreezeConfig, apply_policy, parameter_table
 from lmm.model.image_batch import ImageBatch, PixelValues, tower_inputs
 from lmm.model.language import IMAGE_TOKEN, LanguageConfig, decoder_blocks, load_language_model, load_tokenizer
-from lmm.model.loss import chunked_cross_entropy, supervised_positions
+from lmm.model.loss import DEFAULT_CHUNK_SIZE, capped_logits, chunked_cross_entropy, next_token_targets, supervised_positions
 from lmm.model.vision import VisionConfig, build_vision_tower
 from lmm.model.visual_layout import arrange, build_layout
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -72,8 +71,7 @@ class LMM(nn.Module):
             self.connector.image_newline = nn.Parameter(torch.randn(text_dim, dtype=dtype) / math.sqrt(text_dim))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         mark_blocks([*self.vision.blocks(), *decoder_blocks(self.llm)])
-        # Supervised positions per LM-head chunk: bounds the logits held at once (chunk x vocab).
-        self.loss_chunk_size = 2048
+        self.loss_chunk_size = DEFAULT_CHUNK_SIZE  # model.efficiency.loss_chunk_size in a LightningModule
 
     @property
     def num_image_tokens(self) -> int:
@@ -210,11 +208,8 @@ class LMM(nn.Module):
         The naive path (full logits at supervised positions): for checks and scoring, not training."""
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
                                     batch.get("position_ids"))
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        if self.logit_softcap is not None:
-            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        targets, keep = next_token_targets(batch["labels"])
+        logits = capped_logits(hidden[:, :-1][keep], self.llm.get_output_embeddings(), self.logit_softcap)
         token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
         if "sample_index" in batch:  # packed: which sample each position belongs to
             owner = batch["sample_index"][:, 1:][keep]

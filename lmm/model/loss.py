@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# Supervised positions per LM-head chunk by default: bounds the logits held at once (chunk x vocab).
+DEFAULT_CHUNK_SIZE = 2048
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -68,20 +70,31 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         )
 
 
-def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states that predict a label, and those labels: ``[N, D]`` and ``[N]``.
-
-    Position ``i`` predicts label ``i + 1`` (next-token shift)."""
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, L - 1]`` targets (position ``i`` predicts label ``i + 1``) and where one exists."""
     targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
+    return targets, targets != IGNORE_INDEX
+
+
+def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states that predict a label, and those labels: ``[N, D]`` and ``[N]``."""
+    targets, keep = next_token_targets(labels)
     return hidden[:, :-1][keep], targets[keep]
+
+
+def capped_logits(hidden: torch.Tensor, head: torch.nn.Module, softcap: Optional[float] = None) -> torch.Tensor:
+    """``head(hidden)`` in float32, soft-capped as Gemma-2 does when ``softcap`` is set."""
+    logits = head(hidden).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
 
 
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     head: torch.nn.Linear,
-    chunk_size: int = 2048,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``[N, D]``, ``[N]``).
@@ -95,9 +108,6 @@ def chunked_cross_entropy(
     if targets.numel() <= chunk_size:
         # One chunk's logits are within the bound anyway: plain autograd, which is also what
         # the results of earlier lmm versions were computed with (bit for bit).
-        logits = head(hidden).float()
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(capped_logits(hidden, head, softcap), targets)
     total = _ChunkedHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_size, softcap)
     return total / targets.numel()

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from lmm.data.synthetic import WorldConfig, write_world
+from lmm.data.synthetic import CAPTION_STYLES, WorldConfig, write_world
 
 _DEFAULTS = WorldConfig()
 
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask every kind's existence question as often with answer Yes as with No",
     )
     p.add_argument(
+        "--caption-style",
+        choices=CAPTION_STYLES,
+        default=_DEFAULTS.caption_style,
+        help="objects: list the objects in row-major order; grid: name every cell, vacant ones as 'empty'",
+    )
+    p.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: all cores); output does not depend on it"
     )
     p.add_argument("--overwrite", action="store_true", help="regenerate even if a manifest with the same config exists")
@@ -91,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             describe_prob=args.describe_prob,
             turns_per_sample=args.turns_per_sample,
             balanced_exist=args.balanced_exist,
+            caption_style=args.caption_style,
             seed=args.seed,
         )
     except ValueError as err:

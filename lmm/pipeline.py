@@ -13,7 +13,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from lmm.data.synthetic import WorldConfig
+from lmm.data.synthetic import CAPTION_STYLES, WorldConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 WORKDIR = Path("artifacts/tiny")  # the tiny configs name paths below this directory
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="override trainer.max_steps of stage 1")
     parser.add_argument("--finetune-steps", type=int, default=None, help="override trainer.max_steps of stage 2")
     parser.add_argument("--train-images", type=int, default=None, help="images in the generated train split")
+    parser.add_argument("--caption-style", choices=CAPTION_STYLES, default=None,
+                        help=f"captions of the generated world (default {TINY_WORLD.caption_style!r}; see WorldConfig)")
     parser.add_argument("--skip-control", action="store_true", help="skip the blank-image control test")
     args = parser.parse_args(argv)
     # LightningCLI warns when args are given while sys.argv holds `tiny`; that is intended here.
@@ -79,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.perf_counter() - t, 1)
         return out
 
-    world = TINY_WORLD if args.train_images is None else replace(TINY_WORLD, train_images=args.train_images)
+    world = TINY_WORLD
+    if args.train_images is not None:
+        world = replace(world, train_images=args.train_images)
+    if args.caption_style is not None:
+        world = replace(world, caption_style=args.caption_style)
     stage("prepare", prepare, WORKDIR, world)
     pre = ["fit", "--config", str(CONFIGS / "pretrain.yaml")]
     if args.pretrain_steps:

@@ -388,29 +388,63 @@ def test_turns_per_sample_splits_each_conversation_without_changing_it(tmp_path:
         syn.WorldConfig(turns_per_sample=-1)
 
 
-def _exist_answers(cfg: syn.WorldConfig, n_images: int) -> dict[str, list[int]]:
-    """kind -> [Yes count, No count] over the existence questions of ``n_images`` conversations."""
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+def _exist_answers(cfg: syn.WorldConfig, n_images: int) -> tuple[dict[str, list[int]], dict[int, list[int]]]:
+    """[Yes count, No count] of the existence questions of ``n_images`` conversations, per
+    kind asked and per number of objects in the image."""
+    by_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    by_crowding: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     for i in range(n_images):
         objects = syn.sample_objects(cfg, syn.image_rng(cfg, "train", i, 0))
         for question, answer, category in syn.make_conversation(cfg, objects, "", syn.image_rng(cfg, "train", i, 1)):
             if category == "exist":
                 shape = re.match(r"Is there an? (\w+)", question).group(1)
-                counts[shape][answer == "No"] += 1
+                by_kind[shape][answer == "No"] += 1
+                by_crowding[len(objects)][answer == "No"] += 1
                 assert (answer == "Yes") == any(o.shape == shape for o in objects)
-    return counts
+    return by_kind, by_crowding
 
 
-def test_balanced_exist_asks_every_kind_as_often_yes_as_no() -> None:
-    """With a coin per question the rarest kind is mostly asked while absent (a prior a model
-    can answer from); ``balanced_exist`` makes Yes and No equally likely for every kind."""
+def test_balanced_exist_asks_every_kind_and_every_image_as_often_yes_as_no() -> None:
+    """With a coin per question the rarest kind is mostly asked while absent (a prior a model can
+    answer from); ``balanced_exist`` keeps every kind's Yes share near one half and pairs every
+    Yes with a No in the same image, so how crowded an image is does not predict it either."""
     base = syn.WorldConfig(category_weights=(1, 1, 1, 1, 3), min_turns=3, max_turns=6)
     presence = syn.kind_presence(base)
     assert presence["circle"] > presence["star"] + 0.15  # the linear kind weights, 3 down to 1
-    plain = _exist_answers(base, 2000)
-    yes, no = plain["star"]
+    by_kind, _ = _exist_answers(base, 2000)
+    yes, no = by_kind["star"]
     assert yes / (yes + no) < 0.4
-    balanced = _exist_answers(syn.WorldConfig(**{**base.__dict__, "balanced_exist": True}), 2000)
+    balanced = syn.WorldConfig(**{**base.__dict__, "balanced_exist": True})
+    by_kind, by_crowding = _exist_answers(balanced, 2000)
     for shape in base.shapes:
-        yes, no = balanced[shape]
-        assert yes + no > 300 and abs(yes / (yes + no) - 0.5) < 0.06, (shape, yes, no)
+        yes, no = by_kind[shape]
+        assert yes + no > 300 and abs(yes / (yes + no) - 0.5) < 0.08, (shape, yes, no)
+    assert all(yes == no > 0 for yes, no in by_crowding.values()), dict(by_crowding)
+    for i in range(200):  # and within every single image
+        objects = syn.sample_objects(balanced, syn.image_rng(balanced, "train", i, 0))
+        answers = [a for _, a, c in syn.make_conversation(balanced, objects, "", syn.image_rng(balanced, "train", i, 1))
+                   if c == "exist"]
+        assert answers.count("Yes") == answers.count("No") == min(2, len({o.shape for o in objects}))
+
+
+def test_grid_captions_name_every_cell_in_order(tmp_path: Path) -> None:
+    cfg = small_cfg(caption_style="grid", train_images=30)
+    manifest = syn.write_world(tmp_path, cfg, num_workers=1, progress=False)
+    corpus_words = set(re.findall(r"[\w']+|[^\w\s]", "\n".join(syn.world_corpus(syn.WorldConfig()))))
+    describe = 0
+    for split in ("pretrain", "finetune"):
+        for s in read_split(tmp_path, manifest, split):
+            for q, a in zip(s["json"]["conversations"][::2], s["json"]["conversations"][1::2]):
+                if "Describe" not in q["value"]:
+                    continue
+                describe += 1
+                by_cell = {o["cell"]: o for o in s["json"]["objects"]}
+                parts = a["value"].removesuffix(".").split(", ")
+                assert [p.split(": ")[0] for p in parts] == list(syn.POSITIONS_3X3)
+                for cell, part in enumerate(parts):
+                    o = by_cell.get(cell)
+                    assert part.split(": ")[1] == (f"{o['color']} {o['shape']}" if o else "empty")
+                assert set(re.findall(r"[\w']+|[^\w\s]", a["value"])) <= corpus_words
+    assert describe >= 30  # every pretrain sample, plus the finetune describe turns
+    with pytest.raises(ValueError, match="caption_style"):
+        syn.WorldConfig(caption_style="dense")

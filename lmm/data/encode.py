@@ -19,6 +19,7 @@ from lmm.model.image_spec import ImageSpec
 from lmm.model.loss import IGNORE_INDEX
 from lmm.model.visual_layout import VisualLayout
 
+_SPACE = " \t\n\r"  # characters an answer span may leave untokenized
 # Members that would run code when decoded; a shard holding one is refused outright.
 _PICKLE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz")
 
@@ -214,32 +215,30 @@ class SampleEncoder:
             enc = self.processor.tokenizer(text, return_offsets_mapping=True)
             ids = np.asarray(enc["input_ids"], dtype=np.int64)
             offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        # Plain Python over bytearrays: samples are short, and numpy's per-call overhead on
+        # arrays of a few dozen elements made this the data workers' largest cost.
         n = len(text)
-        sup = np.zeros(n + 1, dtype=np.int64)
+        sup = bytearray(n)
         for s, e in spans:
-            sup[s:e] = 1
-        chars = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        space = (chars == 32) | (chars == 9) | (chars == 10) | (chars == 13)
-        hard_outside = np.concatenate([(1 - sup[:n]) * ~space, [0]]).astype(np.int64)
-        cs_sup = np.concatenate([[0], np.cumsum(sup[:n])])
-        cs_out = np.concatenate([[0], np.cumsum(hard_outside[:n])])
-        start, end = offsets[:, 0], offsets[:, 1]
-        supervised = (end > start) & (cs_sup[end] - cs_sup[start] > 0)
-        straddle = supervised & (cs_out[end] - cs_out[start] > 0)
-        if straddle.any():
-            i = int(np.flatnonzero(straddle)[0])
-            raise TemplateMismatchError(
-                f"sample {sid!r}: token {i} ({text[start[i]:end[i]]!r}) crosses an answer boundary of template "
-                f"{self.template.name!r}; this tokenizer cannot separate the answer from its surroundings"
-            )
-        covered = np.zeros(n + 1, dtype=np.int64)
-        np.add.at(covered, start[supervised], 1)
-        np.add.at(covered, end[supervised], -1)
-        covered = np.cumsum(covered)[:n] > 0
-        missing = (sup[:n] == 1) & ~space & ~covered
-        if missing.any():
-            raise TemplateMismatchError(f"sample {sid!r}: answer text at char {int(np.flatnonzero(missing)[0])} has no token")
+            sup[s:e] = b"\x01" * (e - s)
+        covered = bytearray(n)
+        supervised = np.zeros(len(ids), dtype=bool)
+        for i, (start, end) in enumerate(offsets.tolist()):
+            if end <= start or 1 not in sup[start:end]:
+                continue
+            supervised[i] = True
+            if any(not sup[c] and text[c] not in _SPACE for c in range(start, end)):
+                raise TemplateMismatchError(
+                    f"sample {sid!r}: token {i} ({text[start:end]!r}) crosses an answer boundary of template "
+                    f"{self.template.name!r}; this tokenizer cannot separate the answer from its surroundings"
+                )
+            covered[start:end] = b"\x01" * (end - start)
+        for s, e in spans:
+            for c in range(s, e):
+                if not covered[c] and text[c] not in _SPACE:
+                    raise TemplateMismatchError(f"sample {sid!r}: answer text at char {c} has no token")
         if self._stop_id is not None:
+            start, end = offsets[:, 0], offsets[:, 1]
             for s, e in spans:
                 inside = np.flatnonzero(supervised & (start < e) & (end > s))
                 if len(inside) == 0 or ids[inside[-1]] != self._stop_id:

@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 
 # Bump when the on-disk format or the generator changes, so that write_world
 # regenerates instead of silently reusing an outdated world.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 Turn = tuple[str, str, str]
 """A single QA turn: ``(question, answer, category)``."""
@@ -66,6 +66,7 @@ POSITIONS_3X3: tuple[str, ...] = (
 )  # fmt: skip
 
 CAPTION_TEMPLATES: tuple[str, ...] = ("{objects}.", "in the image: {objects}.", "the image has {objects}.")
+CAPTION_STYLES: tuple[str, ...] = ("objects", "grid")
 PRETRAIN_PROMPT = "Describe the image briefly."
 DESCRIBE_QUESTION = "Describe the image."
 IMAGE_TOKEN = "<image>"
@@ -144,16 +145,21 @@ class WorldConfig:
     can attend to it, so a tiny LM can mark the matching object inside the image span
     instead of searching the image from the question."""
     balanced_exist: bool = False
-    """Decide the existence questions of an image kind by kind, asking about a present kind
-    with probability P(kind absent) and about an absent kind with probability P(kind present),
-    so that every kind is answered "Yes" exactly as often as "No" (other categories then fill
-    the remaining turns). With a coin per question, rare kinds are mostly asked while absent
-    and a model can answer from the kind alone: the prior POPE is built to expose."""
+    """Ask existence questions in Yes/No pairs per image (as POPE balances each image), the
+    kinds drawn inversely to how often they are present (Yes) or absent (No), so that neither
+    the kind nor the image alone predicts the answer (other categories fill the remaining
+    turns). With a coin per question, rare kinds are mostly asked while absent: a prior a
+    model can answer from. (An earlier per-kind scheme balanced the kinds but asked crowded
+    images mostly "Yes".)"""
     turns_per_sample: int = 0
     """Split each finetune conversation into samples of at most this many turns, each with its
     own copy of the image (its first question placed by ``image_after_question``); 0 keeps one
     conversation per image. Single-turn samples put every question where the test puts it
     (before the image when ``image_after_question``), so the image tokens can attend to it."""
+    caption_style: str = "objects"
+    """``objects``: captions list the objects in row-major order ("at the top left a red
+    circle and ..."), with one of a few openers. ``grid``: captions name every cell in
+    row-major order, vacant ones included ("top left: red circle, top: empty, ...")."""
     seed: int = 0
     """Root seed of all random streams."""
 
@@ -173,6 +179,8 @@ class WorldConfig:
             raise ValueError("need 1 <= min_objects <= max_objects <= grid*grid")
         if not 0.0 < self.size_range[0] <= self.size_range[1] <= 1.0:
             raise ValueError("size_range must satisfy 0 < low <= high <= 1")
+        if self.caption_style not in CAPTION_STYLES:
+            raise ValueError(f"unknown caption_style {self.caption_style!r}; choose one of {list(CAPTION_STYLES)}")
         if len(self.category_weights) != len(CONVERSATION_CATEGORIES) or min(self.category_weights) < 0 \
                 or sum(self.category_weights) <= 0:
             raise ValueError(f"category_weights needs {len(CONVERSATION_CATEGORIES)} non-negative weights "
@@ -375,9 +383,19 @@ def object_phrase(shape: str, color: str, position: str) -> str:
     return f"{position_phrase(position)} {_article(color)} {color} {shape}"
 
 
+def cell_phrase(position: str, shape: str | None = None, color: str | None = None) -> str:
+    """Grid-caption fragment such as "top left: red circle" or "top: empty"."""
+    return f"{position}: {color} {shape}" if shape else f"{position}: empty"
+
+
 def make_caption(cfg: WorldConfig, objects: Sequence[WorldObject], rng: np.random.Generator) -> str:
-    """Caption listing every object in row-major order, with one of a few fixed templates."""
+    """Caption in ``cfg.caption_style``: every object in row-major order with one of a few
+    fixed templates, or every cell in row-major order."""
     names = position_names(cfg.grid)
+    if cfg.caption_style == "grid":
+        by_cell = {o.cell: o for o in objects}
+        cells = [by_cell.get(c) for c in range(len(names))]
+        return ", ".join(cell_phrase(n, o and o.shape, o and o.color) for n, o in zip(names, cells)) + "."
     parts = [object_phrase(o.shape, o.color, names[o.cell]) for o in sorted(objects, key=lambda o: o.cell)]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
@@ -480,15 +498,23 @@ def kind_presence(cfg: WorldConfig, n_images: int = 5000) -> dict[str, float]:
 
 
 def balanced_exist_turns(cfg: WorldConfig, objects: Sequence[WorldObject], rng: np.random.Generator) -> list[Turn]:
-    """Existence questions with P(asked, Yes) = P(asked, No) for every kind (``balanced_exist``)."""
+    """Existence questions in Yes/No pairs (``balanced_exist``): min(2, kinds present) pairs per
+    image; the Yes kinds drawn from the present kinds with weight P(kind present)^-3, the No
+    kinds from the absent ones with weight P(kind absent)^-3. The cube (found by simulation)
+    brings every kind's Yes share within a few points of one half; with plain inverse
+    weights the rarest kind stays near 0.4."""
     presence = kind_presence(cfg)
-    present = {o.shape for o in objects}
-    turns: list[Turn] = []
-    for shape in cfg.shapes:
-        p_ask = 1 - presence[shape] if shape in present else presence[shape]
-        if rng.random() < p_ask:
-            turns.append((exist_question(shape), "Yes" if shape in present else "No", "exist"))
-    return turns
+    present = sorted({o.shape for o in objects}, key=cfg.shapes.index)
+    absent = [k for k in cfg.shapes if k not in present]
+    n = min(2, len(present), len(absent))
+
+    def draw(kinds: list[str], weights: list[float]) -> list[str]:
+        w = np.asarray(weights) / np.sum(weights)
+        return [kinds[int(i)] for i in rng.choice(len(kinds), size=n, replace=False, p=w)]
+
+    yes = draw(present, [presence[k] ** -3 for k in present])
+    no = draw(absent, [(1 - presence[k]) ** -3 for k in absent])
+    return [(exist_question(k), answer, "exist") for pair in zip(yes, no) for k, answer in zip(pair, ("Yes", "No"))]
 
 
 def _category_order(cfg: WorldConfig, rng: np.random.Generator, exclude_exist: bool = False) -> np.ndarray:
@@ -896,11 +922,13 @@ def world_corpus(cfg: WorldConfig | None = None, n_examples: int = 200) -> list[
         for color in cfg.colors:
             lines.append(position_question(color, shape))
             lines += [object_phrase(shape, color, p) for p in positions]
+            lines += [cell_phrase(p, shape, color) for p in positions]
     for color in cfg.colors:
         lines += [shape_question(color), color]
-    lines += list(positions) + [position_phrase(p) for p in positions]
+    lines += list(positions) + [position_phrase(p) for p in positions] + [cell_phrase(p) for p in positions]
     lines += [str(i) for i in range(cfg.max_objects + 1)] + ["Yes", "No", "yes", "no"]
     for i in range(n_examples):
         rng = image_rng(cfg, "corpus", i, 0)
-        lines.append(make_caption(cfg, sample_objects(cfg, rng), rng))
+        style = CAPTION_STYLES[i % len(CAPTION_STYLES)]
+        lines.append(make_caption(replace(cfg, caption_style=style), sample_objects(cfg, rng), rng))
     return lines

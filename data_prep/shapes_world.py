@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--balanced-exist",
         action="store_true",
-        help="ask every kind's existence question as often with answer Yes as with No",
+        help="existence questions in Yes/No pairs per image, rare kinds drawn more often (see WorldConfig.balanced_exist)",
     )
     p.add_argument(
         "--caption-style",

@@ -22,9 +22,10 @@ WORKDIR = Path("artifacts/tiny")  # the tiny configs name paths below this direc
 # with fewer, a from-scratch model memorises images by their easy features (colour,
 # layout) instead of learning shapes. Each question is its own sample with the question
 # before the image, as at test time, so the image tokens can attend to it (in a whole
-# conversation only the first question is). Existence questions are balanced per kind, so no
-# kind predicts its answer; rare kinds are less rare than POPE needs at minimum; shape and
-# position questions are weighted up. README "What the recipe's choices come from" has the runs.
+# conversation only the first question is). Existence questions come in Yes/No pairs per
+# image, so neither the kind nor the image alone predicts the answer; rare kinds are less rare;
+# shape and position questions are weighted up. README "What the recipe's choices come from"
+# has the runs.
 TINY_WORLD = WorldConfig(
     train_images=40000, size_range=(0.7, 0.9), shape_weights=(2.0, 1.8, 1.6, 1.4, 1.2, 1.0),
     category_weights=(1, 2, 1, 1.5, 3), min_turns=3, max_turns=6,

@@ -21,7 +21,6 @@ Public entry points: :class:`WorldConfig`, :func:`make_image`,
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import multiprocessing
@@ -29,7 +28,7 @@ import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -485,7 +484,7 @@ def ask(
     return question, answer, category
 
 
-@functools.lru_cache(maxsize=8)
+@lru_cache(maxsize=8)
 def kind_presence(cfg: WorldConfig, n_images: int = 5000) -> dict[str, float]:
     """P(kind occurs in an image) per kind, estimated on ``n_images`` layouts of a fixed random
     stream, so every worker process gets the same values."""

@@ -19,7 +19,6 @@ from lmm.model.vision import VisionConfig, build_vision_tower
 from lmm.model.visual_layout import arrange, build_layout
 
 
-
 @dataclass
 class GenerationConfig:
     """Decoding used by validation, test, predict, chat and the lmms-eval adapter.

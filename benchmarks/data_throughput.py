@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import yaml
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
@@ -68,8 +69,10 @@ from lmm.data.collate import collate
 from lmm.data.datamodule import LMMDataModule
 from lmm.data.encode import Processor, SampleEncoder
 from lmm.data.templates import get_template
+from lmm.model.connector import build_connector
 
 TINY_MODELS = Path("artifacts/tiny/models")
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "finetune.yaml"
 
 
 class LlavaStyleDataset(Dataset):
@@ -279,8 +282,11 @@ def load_processor(models_dir: Path | None, workdir: Path) -> tuple[Processor, s
     size, patch = int(spec["image_size"]), int(spec["patch_size"])
     tok = load_tokenizer(LanguageConfig(name_or_path=str(models_dir / "llm")))
     image_spec = ImageSpec.from_pretrained(str(models_dir / "vision"), "siglip_vision_model", size)
-    proc = Processor(tok, image_spec, (size // patch) ** 2, tok.convert_tokens_to_ids("<image>"))
-    return proc, f"{models_dir} ({size} px images, {(size // patch) ** 2} tokens each, vocab {len(tok)})", models_dir
+    # As many tokens per image as the tiny configs' connector hands the LM.
+    connector = yaml.safe_load(TINY_CONFIG.read_text())["model"]["connector"]
+    n_tokens = build_connector(connector, int(spec["vision_width"]), int(spec["llm_width"]), (size // patch) ** 2).num_output_tokens
+    proc = Processor(tok, image_spec, n_tokens, tok.convert_tokens_to_ids("<image>"))
+    return proc, f"{models_dir} ({size} px images, {n_tokens} tokens each, vocab {len(tok)})", models_dir
 
 
 def make_data(workdir: Path, n_images: int, split: str) -> tuple[str, str, str]:

@@ -55,7 +55,7 @@ def load_model(ckpt: str | None, device: str) -> tuple[Predictor, str]:
         parts = build_tiny_models(Path(tmp), tokenizer_corpus(), TinySpec())
         torch.manual_seed(0)
         model = LMM(VisionConfig(name_or_path=str(parts["vision"]), feature_layer=-1),
-                    LanguageConfig(name_or_path=str(parts["llm"])), "mlp2x_gelu").eval().to(device)
+                    LanguageConfig(name_or_path=str(parts["llm"])), "pixel_shuffle").eval().to(device)
     template = replace(get_template("vicuna"), system="")
     return Predictor(model, template, max_length=512), "random-init tiny model (lmm.tiny.TinySpec())"
 

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--caption-style",
         choices=CAPTION_STYLES,
         default=_DEFAULTS.caption_style,
-        help="objects: list the objects in row-major order; grid: name every cell, vacant ones as 'empty'",
+        help="objects: list the objects in row-major order; grid: name every cell, vacant ones as 'empty'; "
+        "kinds: the objects grouped by shape kind (python -m lmm tiny uses kinds)",
     )
     p.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: all cores); output does not depend on it"

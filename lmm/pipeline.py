@@ -24,12 +24,13 @@ WORKDIR = Path("artifacts/tiny")  # the tiny configs name paths below this direc
 # before the image, as at test time, so the image tokens can attend to it (in a whole
 # conversation only the first question is). Existence questions come in Yes/No pairs per
 # image, so neither the kind nor the image alone predicts the answer; rare kinds are less rare;
-# shape and position questions are weighted up. README "What the recipe's choices come from"
-# has the runs.
+# shape and position questions are weighted up. Captions group the objects by kind, so stage 1
+# already teaches which kinds are present and finding an object by its kind. README "What the
+# recipe's choices come from" has the runs.
 TINY_WORLD = WorldConfig(
     train_images=40000, size_range=(0.7, 0.9), shape_weights=(2.0, 1.8, 1.6, 1.4, 1.2, 1.0),
     category_weights=(1, 2, 1, 1.5, 3), min_turns=3, max_turns=6,
-    image_after_question=True, balanced_exist=True, turns_per_sample=1,
+    image_after_question=True, balanced_exist=True, turns_per_sample=1, caption_style="kinds",
 )
 
 

@@ -1,6 +1,7 @@
 """The LightningCLI: documented options, overrides, config errors, and a short real fit."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -207,7 +208,7 @@ def test_short_fit_loss_falls_and_weights_round_trip(tiny_models, tiny_world, tm
         assert torch.equal(v, trained[k]), k
     common = ["--model.vision.name_or_path", str(tiny_models["vision"]), "--model.vision.feature_layer", "-1",
               "--model.llm.name_or_path", str(tiny_models["llm"]), "--trainer.logger", "false",
-              "--data.train", f"[{root}/pretrain/shard-*.tar]"]
+              "--model.connector", json.dumps(cfg["model"]["connector"]), "--data.train", f"[{root}/pretrain/shard-*.tar]"]
     loaded = LMMCLI(args=common + ["--model.init_from", str(weights)], run=False).model.model.state_dict()
     fresh = LMMCLI(args=common, run=False).model.model.state_dict()
     for k, v in saved.items():

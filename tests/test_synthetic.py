@@ -446,5 +446,30 @@ def test_grid_captions_name_every_cell_in_order(tmp_path: Path) -> None:
                     assert part.split(": ")[1] == (f"{o['color']} {o['shape']}" if o else "empty")
                 assert set(re.findall(r"[\w']+|[^\w\s]", a["value"])) <= corpus_words
     assert describe >= 30  # every pretrain sample, plus the finetune describe turns
+
+
+def test_kinds_captions_group_the_objects_by_kind_in_kind_order(tmp_path: Path) -> None:
+    cfg = small_cfg(caption_style="kinds", train_images=40)
+    manifest = syn.write_world(tmp_path, cfg, num_workers=1, progress=False)
+    corpus_words = set(re.findall(r"[\w']+|[^\w\s]", "\n".join(syn.world_corpus(syn.WorldConfig()))))
+    captions = 0
+    for s in read_split(tmp_path, manifest, "pretrain"):
+        caption = s["json"]["conversations"][1]["value"]
+        objects = sorted(s["json"]["objects"], key=lambda o: o["cell"])
+        assert caption.endswith(".") and set(re.findall(r"[\w']+|[^\w\s]", caption)) <= corpus_words
+        groups = [g.split(": ") for g in caption.removesuffix(".").split(". ")]
+        kinds = [kind for kind, _ in groups]
+        assert kinds == [k for k in cfg.shapes if any(o["shape"] == k for o in objects)]  # present kinds, in order
+        for kind, members in groups:
+            named = []
+            for member in members.split(", "):
+                color, _, phrase = member.partition(" ")
+                named.append((color, phrase.split(" the ", 1)[1]))  # "at the top left" -> "top left"
+            assert named == [(o["color"], syn.POSITIONS_3X3[o["cell"]]) for o in objects if o["shape"] == kind]
+        captions += 1
+    assert captions == 40
+
+
+def test_unknown_caption_style_is_refused() -> None:
     with pytest.raises(ValueError, match="caption_style"):
         syn.WorldConfig(caption_style="dense")

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 
 # Bump when the on-disk format or the generator changes, so that write_world
 # regenerates instead of silently reusing an outdated world.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 Turn = tuple[str, str, str]
 """A single QA turn: ``(question, answer, category)``."""
@@ -65,7 +65,7 @@ POSITIONS_3X3: tuple[str, ...] = (
 )  # fmt: skip
 
 CAPTION_TEMPLATES: tuple[str, ...] = ("{objects}.", "in the image: {objects}.", "the image has {objects}.")
-CAPTION_STYLES: tuple[str, ...] = ("objects", "grid")
+CAPTION_STYLES: tuple[str, ...] = ("objects", "grid", "kinds")
 PRETRAIN_PROMPT = "Describe the image briefly."
 DESCRIBE_QUESTION = "Describe the image."
 IMAGE_TOKEN = "<image>"
@@ -73,8 +73,9 @@ SHORT_ANSWER_CATEGORIES: tuple[str, ...] = ("color", "shape", "count", "position
 CONVERSATION_CATEGORIES: tuple[str, ...] = ("color", "shape", "count", "position", "exist")
 POPE_STRATEGIES: tuple[str, ...] = ("random", "popular", "adversarial")
 
-# Tar members get this fixed mtime; TarWriter would otherwise stamp time.time().
-_TAR_MTIME = 0.0
+# Tar members get this fixed mtime; TarWriter would otherwise stamp time.time(). An int:
+# a float mtime makes tarfile write a 1 KiB PAX record before every member.
+_TAR_MTIME = 0
 
 
 def position_names(grid: int) -> tuple[str, ...]:
@@ -158,7 +159,11 @@ class WorldConfig:
     caption_style: str = "objects"
     """``objects``: captions list the objects in row-major order ("at the top left a red
     circle and ..."), with one of a few openers. ``grid``: captions name every cell in
-    row-major order, vacant ones included ("top left: red circle, top: empty, ...")."""
+    row-major order, vacant ones included ("top left: red circle, top: empty, ...").
+    ``kinds``: the objects grouped by shape kind in ``shapes`` order ("circle: red at the top
+    left. square: blue in the center, green on the right."), so a caption also supervises
+    which kinds are present and finding an object by its kind, what existence, colour and
+    position questions ask."""
     seed: int = 0
     """Root seed of all random streams."""
 
@@ -387,14 +392,24 @@ def cell_phrase(position: str, shape: str | None = None, color: str | None = Non
     return f"{position}: {color} {shape}" if shape else f"{position}: empty"
 
 
+def kind_phrase(shape: str, members: Sequence[tuple[str, str]]) -> str:
+    """Kinds-caption fragment such as "square: blue in the center, green at the bottom right"
+    (``members``: the kind's (colour, cell name) pairs)."""
+    return f"{shape}: " + ", ".join(f"{color} {position_phrase(position)}" for color, position in members)
+
+
 def make_caption(cfg: WorldConfig, objects: Sequence[WorldObject], rng: np.random.Generator) -> str:
     """Caption in ``cfg.caption_style``: every object in row-major order with one of a few
-    fixed templates, or every cell in row-major order."""
+    fixed templates, every cell in row-major order, or the objects grouped by kind."""
     names = position_names(cfg.grid)
     if cfg.caption_style == "grid":
         by_cell = {o.cell: o for o in objects}
         cells = [by_cell.get(c) for c in range(len(names))]
         return ", ".join(cell_phrase(n, o and o.shape, o and o.color) for n, o in zip(names, cells)) + "."
+    if cfg.caption_style == "kinds":
+        ordered = sorted(objects, key=lambda o: o.cell)
+        groups = [[(o.color, names[o.cell]) for o in ordered if o.shape == kind] for kind in cfg.shapes]
+        return ". ".join(kind_phrase(kind, members) for kind, members in zip(cfg.shapes, groups) if members) + "."
     parts = [object_phrase(o.shape, o.color, names[o.cell]) for o in sorted(objects, key=lambda o: o.cell)]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
@@ -922,6 +937,7 @@ def world_corpus(cfg: WorldConfig | None = None, n_examples: int = 200) -> list[
             lines.append(position_question(color, shape))
             lines += [object_phrase(shape, color, p) for p in positions]
             lines += [cell_phrase(p, shape, color) for p in positions]
+            lines += [kind_phrase(shape, [(color, p)]) for p in positions]
     for color in cfg.colors:
         lines += [shape_question(color), color]
     lines += list(positions) + [position_phrase(p) for p in positions] + [cell_phrase(p) for p in positions]

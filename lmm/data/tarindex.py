@@ -163,6 +163,8 @@ def _scan(path: str, size: int) -> list[tuple[str, int, int]]:
             if len(header) < 512 or header == bytes(512):
                 if len(header) and header != bytes(512):
                     out.error = "cut off inside a header (truncated shard)"
+                elif not header:  # a tar ends with zero blocks; a copy cut at a block boundary lacks them
+                    out.error = "ends without the end-of-archive blocks (truncated shard)"
                 break  # end of archive (or of what is left of it)
             headers.append(header)
             stored.append(_octal(header[148:156]))

@@ -54,10 +54,9 @@ def probe(features: torch.Tensor, labels: torch.Tensor, n_train: int, steps: int
 def per_cell(tokens: torch.Tensor, grid: int) -> torch.Tensor:
     """[B, side*side, D] patch tokens -> [B, grid*grid, (side/grid)^2 * D]: each cell's patch
     tokens side by side (row-major), as the pixel_shuffle connector joins them."""
-    b, n, d = tokens.shape
-    side = math.isqrt(n)
-    r = side // grid
-    return tokens.reshape(b, grid, r, grid, r, d).permute(0, 1, 3, 2, 4, 5).reshape(b, grid * grid, r * r * d)
+    from lmm.model.connectors.pixel_shuffle import space_to_depth
+
+    return space_to_depth(tokens, math.isqrt(tokens.shape[1]) // grid)
 
 
 def main() -> None:

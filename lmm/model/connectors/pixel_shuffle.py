@@ -3,11 +3,22 @@ token of ``r*r`` times the width, then an MLP maps it to the LM width. The LM se
 times fewer image tokens while no feature is averaged away (Idefics3 / InternVL style)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from lmm.model.connectors.mlp import make_mlp, square_side
 from lmm.registry import ConfigError
+
+
+def space_to_depth(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[B, side*side, D]`` row-major tokens -> ``[B, (side/factor)^2, factor^2 * D]``: output token
+    ``(i, j)`` is input tokens ``(i*factor + a, j*factor + b)`` side by side, ``a, b`` row-major."""
+    b, n, d = x.shape
+    s, r = math.isqrt(n) // factor, factor
+    # [B, s*r*s*r, D] -> [B, s, r, s, r, D] -> [B, s, s, r, r, D] -> [B, s*s, r*r*D]
+    return x.reshape(b, s, r, s, r, d).permute(0, 1, 3, 2, 4, 5).reshape(b, s * s, r * r * d)
 
 
 class PixelShuffleMLP(nn.Module):
@@ -28,13 +39,9 @@ class PixelShuffleMLP(nn.Module):
                 f"model.connector: pixel_shuffle factor {factor} does not divide the {side}x{side} token grid "
                 f"({num_tokens} tokens); factors that do: {', '.join(map(str, divisors)) or 'none'}"
             )
-        self.side, self.factor = side, factor
+        self.factor = factor
         self.num_output_tokens = (side // factor) ** 2
         self.layers = make_mlp(vision_dim * factor * factor, text_dim, mlp_depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        s, r = self.side // self.factor, self.factor
-        # [B, s*r*s*r, D] -> [B, s, r, s, r, D] -> [B, s, s, r, r, D] -> [B, s*s, r*r*D]
-        x = x.reshape(b, s, r, s, r, d).permute(0, 1, 3, 2, 4, 5).reshape(b, s * s, r * r * d)
-        return self.layers(x)
+        return self.layers(space_to_depth(x, self.factor))

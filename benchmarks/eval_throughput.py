@@ -8,7 +8,7 @@ Model (first that applies):
   1. ``--ckpt DIR``: an lmm checkpoint directory;
   2. ``artifacts/tiny/finetune`` if it is one (``python -m lmm tiny`` writes it, or
      ``python -m lmm checkpoint --config configs/tiny/finetune.yaml --out artifacts/tiny/finetune``);
-  3. otherwise a random-init model of the tiny pipeline's sizes (``lmm.tiny.TinySpec()``:
+  3. otherwise a random-init model of the tiny pipeline's sizes (``lmm.standins.tiny.TinySpec()``:
      SigLIP 48 px / 16 px patches -> 9 tokens, 4-layer 128-wide Llama), built in a temp dir.
      A random model never emits eos early, so every answer runs to ``max_new_tokens``.
 Prompts: the held-out short-answer questions of ``artifacts/tiny/data/test/short_answer`` if
@@ -17,6 +17,7 @@ questions generated in memory.
 
     OMP_NUM_THREADS=1 python benchmarks/eval_throughput.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,15 +31,15 @@ from pathlib import Path
 
 import torch
 
+from lmm.inference.predictor import Predictor
 from lmm.model.lmm import GenerationConfig
-from lmm.predict import Predictor
 
 TINY_CKPT = Path("artifacts/tiny/finetune")
 TINY_TEST = "artifacts/tiny/data/test/short_answer/shard-*.tar"
 
 
 def load_model(ckpt: str | None, device: str) -> tuple[Predictor, str]:
-    from lmm.checkpoint_dir import load_checkpoint_dir
+    from lmm.checkpoints.directory import load_checkpoint_dir
 
     path = Path(ckpt) if ckpt else (TINY_CKPT if (TINY_CKPT / "lmm.json").is_file() else None)
     if path is not None:
@@ -47,17 +48,28 @@ def load_model(ckpt: str | None, device: str) -> tuple[Predictor, str]:
     from lmm.data.templates import get_template
     from lmm.model.language import LanguageConfig
     from lmm.model.lmm import LMM
-    from lmm.model.vision import VisionConfig
-    from lmm.pipeline import tokenizer_corpus
-    from lmm.tiny import TinySpec, build_tiny_models
+    from lmm.model.towers import VisionConfig
+    from lmm.standins.tiny import TinySpec, build_tiny_models
+    from lmm.worlds.shapes.tiny import tiny_corpus
 
-    with tempfile.TemporaryDirectory(prefix="lmm_bench_") as tmp:  # loaded into memory, then removed
-        parts = build_tiny_models(Path(tmp), tokenizer_corpus(), TinySpec())
+    with tempfile.TemporaryDirectory(
+        prefix="lmm_bench_"
+    ) as tmp:  # loaded into memory, then removed
+        parts = build_tiny_models(Path(tmp), tiny_corpus(), TinySpec())
         torch.manual_seed(0)
-        model = LMM(VisionConfig(name_or_path=str(parts["vision"]), feature_layer=-1),
-                    LanguageConfig(name_or_path=str(parts["llm"])), "pixel_shuffle").eval().to(device)
+        model = (
+            LMM(
+                VisionConfig(name_or_path=str(parts["vision"]), feature_layer=-1),
+                LanguageConfig(name_or_path=str(parts["llm"])),
+                "pixel_shuffle",
+            )
+            .eval()
+            .to(device)
+        )
     template = replace(get_template("vicuna"), system="")
-    return Predictor(model, template, max_length=512), "random-init tiny model (lmm.tiny.TinySpec())"
+    return Predictor(
+        model, template, max_length=512
+    ), "random-init tiny model (lmm.standins.tiny.TinySpec())"
 
 
 def load_prompts(predictor: Predictor, n: int) -> tuple[list[dict], str]:
@@ -65,22 +77,30 @@ def load_prompts(predictor: Predictor, n: int) -> tuple[list[dict], str]:
     if shards:
         from lmm.data.shards import ShardStream
 
-        stream = ShardStream(shards, predictor.encoder.prompt_sample, lambda s: {"samples": s}, batch_size=n)
+        stream = ShardStream(
+            shards, predictor.encoder.prompt_sample, lambda s: {"samples": s}, batch_size=n
+        )
         samples = next(iter(stream))["samples"][:n]
         return samples, f"{len(samples)} held-out short-answer prompts from {TINY_TEST}"
-    from lmm.data.synthetic import WorldConfig, image_rng, render, sample_objects, short_answer_questions
+    from lmm.worlds.shapes.config import WorldConfig
+    from lmm.worlds.shapes.scene import image_rng, render, sample_objects
+    from lmm.worlds.shapes.text import short_answer_questions
 
     cfg, samples, i = WorldConfig(), [], 0
     while len(samples) < n:
         objects = sample_objects(cfg, image_rng(cfg, "bench", i, 0))
         image = render(cfg, objects)
-        for question, _, _ in short_answer_questions(cfg, objects, image_rng(cfg, "bench", i, 1), i, 2):
+        for question, _, _ in short_answer_questions(
+            cfg, objects, image_rng(cfg, "bench", i, 1), i, 2
+        ):
             samples.append(predictor.encode_question(question, [image], f"bench-{len(samples)}"))
         i += 1
     return samples[:n], f"{n} shapes-world prompts generated in memory"
 
 
-def measure(predictor: Predictor, samples: list[dict], batch_size: int, generation: GenerationConfig):
+def measure(
+    predictor: Predictor, samples: list[dict], batch_size: int, generation: GenerationConfig
+):
     predictor.generate_all(samples[:batch_size], generation, batch_size)  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -92,11 +112,19 @@ def measure(predictor: Predictor, samples: list[dict], batch_size: int, generati
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=None, help="lmm checkpoint directory (default: see above)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ckpt", default=None, help="lmm checkpoint directory (default: see above)"
+    )
     parser.add_argument("--samples", type=int, default=128, help="prompts answered per batch size")
-    parser.add_argument("--batch-sizes", default="8,32,64", help="batched sizes compared with batch size 1")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per answer (tiny config: 8)")
+    parser.add_argument(
+        "--batch-sizes", default="8,32,64", help="batched sizes compared with batch size 1"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=8, help="tokens generated per answer (tiny config: 8)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -105,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
     lengths = [len(s["input_ids"]) for s in samples]
     print(f"model:   {model_desc}")
-    print(f"prompts: {prompt_desc} ({min(lengths)}-{max(lengths)} tokens, "
-          f"{predictor.model.num_image_tokens} image tokens each)")
-    print(f"device:  {args.device}, torch threads {torch.get_num_threads()} (OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), greedy, max_new_tokens {args.max_new_tokens}\n")
+    print(
+        f"prompts: {prompt_desc} ({min(lengths)}-{max(lengths)} tokens, "
+        f"{predictor.model.num_image_tokens} image tokens each)"
+    )
+    print(
+        f"device:  {args.device}, torch threads {torch.get_num_threads()} (OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), greedy, max_new_tokens {args.max_new_tokens}\n"
+    )
 
     sizes = [1] + [int(b) for b in args.batch_sizes.split(",") if int(b) != 1]
     rows, reference = [], None
@@ -118,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         same = sum(a == r for a, r in zip(answers, reference)) / len(answers)
         rows.append((bs, len(samples), seconds, len(samples) / seconds, same))
     base = rows[0][3]
-    print(f"{'batch size':>10} {'samples':>8} {'seconds':>8} {'samples/s':>10} {'vs bs 1':>8} {'same answers':>13}")
+    print(
+        f"{'batch size':>10} {'samples':>8} {'seconds':>8} {'samples/s':>10} {'vs bs 1':>8} {'same answers':>13}"
+    )
     for bs, n, seconds, rate, same in rows:
         print(f"{bs:>10} {n:>8} {seconds:>8.2f} {rate:>10.1f} {rate / base:>7.1f}x {same:>12.0%}")
     best = max(rows[1:], key=lambda r: r[3]) if len(rows) > 1 else rows[0]

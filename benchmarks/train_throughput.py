@@ -24,6 +24,7 @@ large matmul measured in the same run (CPU) or the GPU's bf16 peak (``--peak-tfl
 Padding waste (share of computed tokens that are padding) is computed over a whole epoch of
 the distribution for plain padding, length grouping and packing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,18 +98,26 @@ def sample_lengths(n: int, shape: ModelShape, seed: int = 0) -> list[dict]:
         text = int(np.exp(np.log(median) + sigma * rng.standard_normal()) * shape.length_scale)
         budget = shape.max_length - (0 if text_only else shape.image_tokens)
         text = int(np.clip(text, 12, budget))
-        out.append({"text": text, "image": not text_only, "answer": max(1, int(text * rng.uniform(0.25, 0.55)))})
+        out.append(
+            {
+                "text": text,
+                "image": not text_only,
+                "answer": max(1, int(text * rng.uniform(0.25, 0.55))),
+            }
+        )
     return out
 
 
-def sample_tensors(spec: dict, shape: ModelShape, image_token_id: int, vocab: int, seed: int) -> dict:
+def sample_tensors(
+    spec: dict, shape: ModelShape, image_token_id: int, vocab: int, seed: int
+) -> dict:
     """One encoded sample of the given lengths (random ids; labels on the answer tokens)."""
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(10, vocab, (spec["text"],), generator=g)
     image = torch.full((shape.image_tokens if spec["image"] else 0,), image_token_id)
     ids = torch.cat([text[:1], image, text[1:]])
     labels = torch.full_like(ids, -100)
-    labels[-spec["answer"]:] = ids[-spec["answer"]:]
+    labels[-spec["answer"] :] = ids[-spec["answer"] :]
     n_images = 1 if spec["image"] else 0
     pixels = torch.randn(n_images, 3, shape.image_size, shape.image_size, generator=g)
     return {"id": str(seed), "input_ids": ids, "labels": labels, "pixel_values": pixels}
@@ -118,7 +127,9 @@ def length(spec: dict, shape: ModelShape) -> int:
     return spec["text"] + (shape.image_tokens if spec["image"] else 0)
 
 
-def batch_order(specs: list[dict], shape: ModelShape, grouped: bool, window: int = 16) -> list[list[int]]:
+def batch_order(
+    specs: list[dict], shape: ModelShape, grouped: bool, window: int = 16
+) -> list[list[int]]:
     """Sample indices per batch: sampling order, or lmm's length grouping."""
     from lmm.data.mixing import group_by_length
 
@@ -127,8 +138,14 @@ def batch_order(specs: list[dict], shape: ModelShape, grouped: bool, window: int
     if grouped:
         lengths = np.array([length(s, shape) for s in specs])
         has_image = np.array([s["image"] for s in specs])
-        ids = group_by_length(ids, lengths, has_image, shape.batch_size, window,
-                              lambda w, k: np.random.default_rng(w).permutation(k))
+        ids = group_by_length(
+            ids,
+            lengths,
+            has_image,
+            shape.batch_size,
+            window,
+            lambda w, k: np.random.default_rng(w).permutation(k),
+        )
     return ids.reshape(-1, shape.batch_size).tolist()
 
 
@@ -137,7 +154,11 @@ def padding_waste(specs: list[dict], shape: ModelShape) -> dict[str, float]:
     from lmm.data.packing import choose_rows
 
     out = {}
-    for name, grouped, packed in (("plain", False, False), ("grouped", True, False), ("packed", False, True)):
+    for name, grouped, packed in (
+        ("plain", False, False),
+        ("grouped", True, False),
+        ("packed", False, True),
+    ):
         real = computed = 0
         for batch in batch_order(specs, shape, grouped):
             lens = [length(specs[i], shape) for i in batch]
@@ -160,7 +181,9 @@ def model_flops(specs: list[dict], shape: ModelShape) -> float:
     d_v, d = shape.vision_width, shape.llm_width
     vision_params = shape.vision_layers * (4 * d_v * d_v + 2 * d_v * 4 * d_v)  # attention + 4x MLP
     connector_params = d_v * d + d * d
-    llm_params = shape.llm_layers * (4 * d * d + 3 * d * shape.llm_intermediate)  # attention + SwiGLU
+    llm_params = shape.llm_layers * (
+        4 * d * d + 3 * d * shape.llm_intermediate
+    )  # attention + SwiGLU
     total = 0.0
     for s in specs:
         n = length(s, shape)
@@ -168,12 +191,16 @@ def model_flops(specs: list[dict], shape: ModelShape) -> float:
             p = shape.image_tokens
             total += 2 * vision_params * p + 4 * shape.vision_layers * p * p * d_v  # forward only
             total += 6 * connector_params * p
-        total += 6 * llm_params * n + 3 * 2 * shape.llm_layers * n * n * d  # causal attention: half of 4 n^2 d
+        total += (
+            6 * llm_params * n + 3 * 2 * shape.llm_layers * n * n * d
+        )  # causal attention: half of 4 n^2 d
         total += 6 * d * shape.vocab_size * s["answer"]
     return total
 
 
-def matmul_flops_per_s(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+def matmul_flops_per_s(
+    device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10
+) -> float:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
@@ -197,25 +224,48 @@ def _sync(device: str) -> None:
 def build_models(out: Path, shape: ModelShape) -> dict[str, Path]:
     """A SigLIP tower and a Llama LM of these shapes, random weights, saved with save_pretrained
     (with a small locally trained tokenizer: the model's vocabulary rows are spare ids)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
-    from lmm.data.synthetic import world_corpus
-    from lmm.tiny import build_tokenizer
+    from lmm.standins.tiny import build_tiny_tokenizer
+    from lmm.worlds.shapes.corpus import world_corpus
 
     paths = {"vision": out / "vision", "llm": out / "llm"}
     torch.manual_seed(0)
-    SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=shape.vision_width, intermediate_size=4 * shape.vision_width, num_hidden_layers=shape.vision_layers,
-        num_attention_heads=shape.vision_heads, image_size=shape.image_size, patch_size=shape.patch_size,
-        vision_use_head=False)).save_pretrained(paths["vision"])
-    SiglipImageProcessor(size={"height": shape.image_size, "width": shape.image_size}).save_pretrained(paths["vision"])
-    tokenizer = build_tokenizer(world_corpus(), 640)
+    SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=shape.vision_width,
+            intermediate_size=4 * shape.vision_width,
+            num_hidden_layers=shape.vision_layers,
+            num_attention_heads=shape.vision_heads,
+            image_size=shape.image_size,
+            patch_size=shape.patch_size,
+            vision_use_head=False,
+        )
+    ).save_pretrained(paths["vision"])
+    SiglipImageProcessor(
+        size={"height": shape.image_size, "width": shape.image_size}
+    ).save_pretrained(paths["vision"])
+    tokenizer = build_tiny_tokenizer(world_corpus(), 640)
     tokenizer.save_pretrained(paths["llm"])
-    LlamaForCausalLM(LlamaConfig(
-        hidden_size=shape.llm_width, intermediate_size=shape.llm_intermediate, num_hidden_layers=shape.llm_layers,
-        num_attention_heads=shape.llm_heads, vocab_size=max(shape.vocab_size, len(tokenizer)),
-        max_position_embeddings=shape.max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).save_pretrained(paths["llm"])
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=shape.llm_width,
+            intermediate_size=shape.llm_intermediate,
+            num_hidden_layers=shape.llm_layers,
+            num_attention_heads=shape.llm_heads,
+            vocab_size=max(shape.vocab_size, len(tokenizer)),
+            max_position_embeddings=shape.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).save_pretrained(paths["llm"])
     return paths
 
 
@@ -223,11 +273,14 @@ def load_lmm(paths: dict[str, Path]):
     from lmm.model.freeze import FreezeConfig
     from lmm.model.language import LanguageConfig
     from lmm.model.lmm import LMM
-    from lmm.model.vision import VisionConfig
+    from lmm.model.towers import VisionConfig
 
     torch.manual_seed(0)
-    model = LMM(VisionConfig(name_or_path=str(paths["vision"]), feature_layer=-1),
-                LanguageConfig(name_or_path=str(paths["llm"])), "mlp2x_gelu")
+    model = LMM(
+        VisionConfig(name_or_path=str(paths["vision"]), feature_layer=-1),
+        LanguageConfig(name_or_path=str(paths["llm"])),
+        "mlp2x_gelu",
+    )
     model.apply_freeze(FreezeConfig(vision="frozen"))  # the fine-tuning stage
     return model.train()
 
@@ -236,15 +289,19 @@ def hf_llava_from(lmm_model):
     """transformers' LlavaForConditionalGeneration holding lmm's weights (lmm's export mapping)."""
     from transformers import LlavaForConditionalGeneration
 
-    from lmm.export import llava_state_and_config
+    from lmm.checkpoints.hf_export import llava_state_and_config
 
-    ckpt = SimpleNamespace(model=lmm_model, info={"model": {"vision": {"kind": "hf"}, "connector": "mlp2x_gelu"}})
+    ckpt = SimpleNamespace(
+        model=lmm_model, info={"model": {"vision": {"kind": "hf"}, "connector": "mlp2x_gelu"}}
+    )
     config, state = llava_state_and_config(ckpt)
     config.text_config._attn_implementation = lmm_model.llm.config._attn_implementation
     model = LlavaForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("model.vision_tower.") for k in missing):
-        raise RuntimeError(f"weights do not map: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"weights do not map: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.model.vision_tower.requires_grad_(False)
     return model.train()
 
@@ -253,9 +310,21 @@ def hf_llava_from(lmm_model):
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _heap_bytes_fn():
@@ -273,6 +342,7 @@ def _heap_bytes_fn():
         heap()
         return heap, "heap"
     except (OSError, AttributeError):
+
         def rss() -> int:
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * resource.getpagesize()
@@ -326,16 +396,26 @@ def run_variant(args) -> dict:
     batches = []
     for batch in order[:steps]:
         samples = [sample_tensors(specs[i], shape, image_id, 640, seed=i) for i in batch]
-        b = pack(samples, pad_id, shape.max_length) if args.variant == "lmm_packed" else collate(samples, pad_id)
+        b = (
+            pack(samples, pad_id, shape.max_length)
+            if args.variant == "lmm_packed"
+            else collate(samples, pad_id)
+        )
         batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
 
     def step(b: dict) -> float:
         pixels = b["pixel_values"].to(dtype)
         if args.variant == "hf":
-            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=pixels,
-                         labels=b["labels"]).loss
+            loss = model(
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                pixel_values=pixels,
+                labels=b["labels"],
+            ).loss
         else:
-            loss = model(b["input_ids"], b["attention_mask"], b["labels"], pixels, b.get("position_ids"))
+            loss = model(
+                b["input_ids"], b["attention_mask"], b["labels"], pixels, b.get("position_ids")
+            )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -349,14 +429,14 @@ def run_variant(args) -> dict:
         base = torch.cuda.memory_allocated()
     times = []
     with PeakMemory() as mem:
-        for b in batches[args.warmup:]:
+        for b in batches[args.warmup :]:
             start = time.perf_counter()
             step(b)
             _sync(device)
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() - base if device.startswith("cuda") else mem.peak
-    measured = [specs[i] for batch in order[args.warmup:steps] for i in batch]
-    computed = sum(int(b["input_ids"].numel()) for b in batches[args.warmup:])
+    measured = [specs[i] for batch in order[args.warmup : steps] for i in batch]
+    computed = sum(int(b["input_ids"].numel()) for b in batches[args.warmup :])
     real = sum(length(s, shape) for s in measured)
     seconds = sum(times)
     return {
@@ -381,21 +461,34 @@ def parity(paths: dict[str, Path], shape: ModelShape) -> float:
     model = load_lmm(paths)
     hf = hf_llava_from(model)
     specs = sample_lengths(4, shape, seed=7)
-    b = collate([sample_tensors(s, shape, model.image_token_id, 640, seed=i) for i, s in enumerate(specs)],
-                model.tokenizer.pad_token_id)
+    b = collate(
+        [sample_tensors(s, shape, model.image_token_id, 640, seed=i) for i, s in enumerate(specs)],
+        model.tokenizer.pad_token_id,
+    )
     with torch.no_grad():
         ours = model(b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"])
-        theirs = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                    labels=b["labels"]).loss
+        theirs = hf(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            pixel_values=b["pixel_values"],
+            labels=b["labels"],
+        ).loss
     return abs(float(ours) - float(theirs))
 
 
 def compare(args) -> dict:
     results = {}
-    peak_flops = (args.peak_tflops * 1e12 if args.peak_tflops else
-                  matmul_flops_per_s(args.device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]))
-    print(f"device {args.device} {args.dtype}, {args.threads} thread(s); matmul peak "
-          f"{peak_flops / 1e9:.1f} GFLOP/s ({'given' if args.peak_tflops else 'measured, 2048^3'})")
+    peak_flops = (
+        args.peak_tflops * 1e12
+        if args.peak_tflops
+        else matmul_flops_per_s(
+            args.device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        )
+    )
+    print(
+        f"device {args.device} {args.dtype}, {args.threads} thread(s); matmul peak "
+        f"{peak_flops / 1e9:.1f} GFLOP/s ({'given' if args.peak_tflops else 'measured, 2048^3'})"
+    )
     for name in args.configs:
         shape = SHAPES[name]
         with tempfile.TemporaryDirectory() as tmp:
@@ -403,45 +496,86 @@ def compare(args) -> dict:
             gap = parity(paths, shape)
             rows = {}
             for variant in VARIANTS:
-                cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--config", name, "--models", tmp,
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                       "--device", args.device, "--dtype", args.dtype]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--variant",
+                    variant,
+                    "--config",
+                    name,
+                    "--models",
+                    tmp,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--threads",
+                    str(args.threads),
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     raise RuntimeError(f"{name}/{variant} failed:\n{out.stderr[-3000:]}")
                 rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         waste = padding_waste(sample_lengths(4096, shape, seed=2), shape)
-        results[name] = {"shape": asdict(shape), "loss_gap_vs_hf": gap, "variants": rows, "padding_waste": waste}
+        results[name] = {
+            "shape": asdict(shape),
+            "loss_gap_vs_hf": gap,
+            "variants": rows,
+            "padding_waste": waste,
+        }
         _print_table(name, shape, rows, waste, gap, peak_flops)
     return results
 
 
-def _print_table(name: str, shape: ModelShape, rows: dict, waste: dict, gap: float, peak_flops: float) -> None:
+def _print_table(
+    name: str, shape: ModelShape, rows: dict, waste: dict, gap: float, peak_flops: float
+) -> None:
     hf = rows["hf"]
-    print(f"\n== {name}: {shape.image_tokens} image tokens, LM {shape.llm_layers}x{shape.llm_width}, vocab "
-          f"{shape.vocab_size}, batch {shape.batch_size}; same weights: |loss lmm - loss HF| = {gap:.2e}")
-    print(f"{'variant':<12} {'samples/s':>10} {'tokens/s':>10} {'padding':>8} {'peak MiB':>9} {'MFU':>7} "
-          f"{'speed vs HF':>12} {'memory vs HF':>13}")
+    print(
+        f"\n== {name}: {shape.image_tokens} image tokens, LM {shape.llm_layers}x{shape.llm_width}, vocab "
+        f"{shape.vocab_size}, batch {shape.batch_size}; same weights: |loss lmm - loss HF| = {gap:.2e}"
+    )
+    print(
+        f"{'variant':<12} {'samples/s':>10} {'tokens/s':>10} {'padding':>8} {'peak MiB':>9} {'MFU':>7} "
+        f"{'speed vs HF':>12} {'memory vs HF':>13}"
+    )
     for variant, r in rows.items():
         mfu = r["model_flops"] / r["seconds"] / peak_flops
-        print(f"{variant:<12} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>10.0f} {r['padding_share']:>8.1%} "
-              f"{r['peak_bytes'] / 2**20:>9.0f} {mfu:>7.1%} {r['samples_per_s'] / hf['samples_per_s']:>11.2f}x "
-              f"{r['peak_bytes'] / max(hf['peak_bytes'], 1):>12.2f}x")
-    print("padding waste over an epoch (share of computed tokens): " +
-          ", ".join(f"{k} {v:.1%}" for k, v in waste.items()))
+        print(
+            f"{variant:<12} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>10.0f} {r['padding_share']:>8.1%} "
+            f"{r['peak_bytes'] / 2**20:>9.0f} {mfu:>7.1%} {r['samples_per_s'] / hf['samples_per_s']:>11.2f}x "
+            f"{r['peak_bytes'] / max(hf['peak_bytes'], 1):>12.2f}x"
+        )
+    print(
+        "padding waste over an epoch (share of computed tokens): "
+        + ", ".join(f"{k} {v:.1%}" for k, v in waste.items())
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--configs", nargs="+", default=["tiny", "larger"], choices=sorted(SHAPES))
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocations, optimizer state)")
+    ap.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps first (allocations, optimizer state)"
+    )
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="the device's peak FLOP/s in TFLOP/s for MFU (e.g. 989 for H100 SXM bf16 dense); "
-                    "default: a measured large matmul")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak FLOP/s in TFLOP/s for MFU (e.g. 989 for H100 SXM bf16 dense); "
+        "default: a measured large matmul",
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)

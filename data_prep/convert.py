@@ -18,6 +18,7 @@ an optional seeded shuffle), so the same input and options give the same shards 
 from the record's position and a sanitised id, never from the id as written, so an id like
 ``../../x`` cannot name a path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,20 +41,35 @@ from typing import Any, Iterator, Optional, Sequence
 from PIL import Image
 
 from data_prep.presets import PRESETS, Preset, detect_preset
-from lmm.data.errors import CONVERT_SKIP_REASONS
-from lmm.data.manifest import FORMAT, MANIFEST_NAME, TOKENS_PER_WORD, VERSION, conversation_text, estimate_tokens
-from lmm.data.manifest import write_manifest
-from lmm.data.templates import ConversationError, parse_conversation
+from lmm.constants import IMAGE_TOKEN
+from lmm.data.manifest import (
+    FORMAT,
+    MANIFEST_NAME,
+    TOKENS_PER_WORD,
+    VERSION,
+    conversation_text,
+    estimate_tokens,
+    write_manifest,
+)
+from lmm.data.tar_writer import shard_name, write_sample
+from lmm.data.templates import parse_conversation
+from lmm.errors import CONVERT_SKIP_REASONS, ConversationError
 
 STATE_DIR = ".convert"
 REPORT_NAME = "report.json"
 CONVERTER_VERSION = 1
-IMAGE_TOKEN = "<image>"
-_TAR_MTIME = 1_700_000_000  # fixed, so a rerun writes byte-identical shards
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 # PIL format -> member extension (the training side decodes whatever the bytes are; the
 # extension only has to mark the member as an image).
-_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
+_FORMAT_EXT = {
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "PNG": "png",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+}
 
 
 class SkipRecord(Exception):
@@ -71,7 +87,9 @@ class Options:
 
     out: str
     images: str
-    image_dirs: list[tuple[str, str]] = field(default_factory=list)  # (path prefix, folder), longest first
+    image_dirs: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (path prefix, folder), longest first
     alt_extensions: list[tuple[str, list[str]]] = field(default_factory=list)
     tokenizer: Optional[str] = None
     max_tokens: Optional[int] = None
@@ -93,7 +111,9 @@ def resolve_image(rel: Any, opts: Options) -> Path:
         raise SkipRecord("malformed", f"image path must be a non-empty string, got {rel!r:.60}")
     path = PurePosixPath(rel.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts:
-        raise SkipRecord("image_missing", f"image path {rel!r} leaves the image folder (absolute or '..')")
+        raise SkipRecord(
+            "image_missing", f"image path {rel!r} leaves the image folder (absolute or '..')"
+        )
     base, sub = Path(opts.images), path
     for prefix, folder in opts.image_dirs:
         parts = PurePosixPath(prefix).parts
@@ -118,7 +138,9 @@ def load_image(path: Path, rel: str) -> tuple[str, bytes]:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise SkipRecord("image_missing", f"image {rel!r} cannot be read ({err.strerror or err})") from None
+        raise SkipRecord(
+            "image_missing", f"image {rel!r} cannot be read ({err.strerror or err})"
+        ) from None
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # full decode: truncated or corrupt files fail here, not in training
@@ -130,7 +152,9 @@ def load_image(path: Path, rel: str) -> tuple[str, bytes]:
                 img.save(buf, format="PNG")
                 return "png", buf.getvalue()
     except Exception as err:  # PIL raises many types for bad bytes
-        raise SkipRecord("image_decode", f"image {rel!r} does not decode ({type(err).__name__}: {err})") from None
+        raise SkipRecord(
+            "image_decode", f"image {rel!r} does not decode ({type(err).__name__}: {err})"
+        ) from None
     return ext, data
 
 
@@ -175,30 +199,33 @@ def make_sample(position: int, record: Any, opts: Options) -> Sample:
     elif isinstance(paths, str):
         paths = [paths]
     elif not isinstance(paths, list):
-        raise SkipRecord("malformed", f"'image' must be a path or a list of paths, got {type(paths).__name__}")
+        raise SkipRecord(
+            "malformed", f"'image' must be a path or a list of paths, got {type(paths).__name__}"
+        )
     n_tokens = sum(t.text.count(IMAGE_TOKEN) for t in turns)
     if n_tokens != len(paths):
-        raise SkipRecord("image_count", f"{n_tokens} {IMAGE_TOKEN} token(s) but {len(paths)} image(s)")
+        raise SkipRecord(
+            "image_count", f"{n_tokens} {IMAGE_TOKEN} token(s) but {len(paths)} image(s)"
+        )
     images = [load_image(resolve_image(p, opts), p) for p in paths]
     tokens = count_tokens(conversation_text(record["conversations"]), opts.tokenizer)
     if opts.max_tokens is not None and tokens + len(images) * opts.image_tokens > opts.max_tokens:
-        raise SkipRecord("overlong", f"{tokens} text + {len(images)}x{opts.image_tokens} image tokens > "
-                                     f"--max-tokens {opts.max_tokens}")
+        raise SkipRecord(
+            "overlong",
+            f"{tokens} text + {len(images)}x{opts.image_tokens} image tokens > "
+            f"--max-tokens {opts.max_tokens}",
+        )
     meta = dict(record, id=sid)
-    return Sample(sample_key(position, sid), sid, json.dumps(meta, ensure_ascii=False).encode("utf-8"), images, tokens)
+    return Sample(
+        sample_key(position, sid),
+        sid,
+        json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        images,
+        tokens,
+    )
 
 
 # -- one shard -------------------------------------------------------------------------------
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:06d}.tar"
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
-    tar.addfile(info, io.BytesIO(data))
 
 
 def convert_shard(task: tuple[int, int, list[int], list[Any], Options]) -> dict[str, Any]:
@@ -217,19 +244,36 @@ def convert_shard(task: tuple[int, int, list[int], list[Any], Options]) -> dict[
             kept.append(make_sample(first + offset, record, opts))
         except SkipRecord as err:
             rid = record.get("id") if isinstance(record, dict) else None
-            skipped.append({"index": index, "id": None if rid is None else str(rid), "reason": err.reason,
-                            "detail": str(err)})
-    part: dict[str, Any] = {"shard": k, "path": None, "size": 0, "ids": [s.id for s in kept],
-                            "tokens": [s.tokens for s in kept], "images": [len(s.images) for s in kept],
-                            "skipped": skipped}
+            skipped.append(
+                {
+                    "index": index,
+                    "id": None if rid is None else str(rid),
+                    "reason": err.reason,
+                    "detail": str(err),
+                }
+            )
+    part: dict[str, Any] = {
+        "shard": k,
+        "path": None,
+        "size": 0,
+        "ids": [s.id for s in kept],
+        "tokens": [s.tokens for s in kept],
+        "images": [len(s.images) for s in kept],
+        "skipped": skipped,
+    }
     if kept:
         path = out / shard_name(k)
         tmp = path.with_name(path.name + ".tmp")
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
             for s in kept:
-                _add(tar, f"{s.key}.json", s.json)
-                for i, (ext, data) in enumerate(s.images):
-                    _add(tar, f"{s.key}.{i:03d}.{ext}", data)
+                write_sample(
+                    tar,
+                    s.key,
+                    {
+                        "json": s.json,
+                        **{f"{i:03d}.{ext}": data for i, (ext, data) in enumerate(s.images)},
+                    },
+                )
         os.replace(tmp, path)  # a shard is either complete or absent
         part.update(path=path.name, size=path.stat().st_size)
     _write_json(out / STATE_DIR / f"shard-{k:06d}.json", part)  # last: marks the shard done
@@ -279,8 +323,13 @@ def read_records(path: Path) -> list[Any]:
 def _fingerprint(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     with open(path, "rb") as f:
         head = hashlib.sha1(f.read(1 << 20)).hexdigest()
-    return {"converter": CONVERTER_VERSION, "json": path.name, "json_bytes": path.stat().st_size,
-            "json_sha1_first_mib": head, **settings}
+    return {
+        "converter": CONVERTER_VERSION,
+        "json": path.name,
+        "json_bytes": path.stat().st_size,
+        "json_sha1_first_mib": head,
+        **settings,
+    }
 
 
 def _remove_outputs(out: Path) -> None:
@@ -324,16 +373,27 @@ def convert(
     opts = Options(
         out=str(out),
         images=str(images),
-        image_dirs=sorted(((pre.strip("/"), str(d)) for pre, d in image_dirs), key=lambda x: -len(x[0])),
+        image_dirs=sorted(
+            ((pre.strip("/"), str(d)) for pre, d in image_dirs), key=lambda x: -len(x[0])
+        ),
         alt_extensions=[(pre, list(exts)) for pre, exts in p.alt_extensions],
         tokenizer=tokenizer,
         max_tokens=max_tokens,
         image_tokens=image_tokens,
     )
-    settings = {"preset": preset, "samples_per_shard": samples_per_shard, "shuffle_seed": shuffle_seed,
-                "limit": limit, "image_dirs": opts.image_dirs, "tokenizer": tokenizer, "max_tokens": max_tokens,
-                "image_tokens": image_tokens}
-    fingerprint = json.loads(json.dumps(_fingerprint(json_path, settings)))  # as it reads back from disk
+    settings = {
+        "preset": preset,
+        "samples_per_shard": samples_per_shard,
+        "shuffle_seed": shuffle_seed,
+        "limit": limit,
+        "image_dirs": opts.image_dirs,
+        "tokenizer": tokenizer,
+        "max_tokens": max_tokens,
+        "image_tokens": image_tokens,
+    }
+    fingerprint = json.loads(
+        json.dumps(_fingerprint(json_path, settings))
+    )  # as it reads back from disk
 
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_DIR / "state.json"
@@ -344,13 +404,17 @@ def convert(
     except (OSError, ValueError):
         previous = None
     if previous is not None and previous != fingerprint:
-        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+        changed = sorted(
+            k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k)
+        )
         raise ConversionError(
             f"--out {out} holds a conversion with other inputs or settings (differs in: {', '.join(changed)}); "
             "use another --out, or --overwrite to discard it"
         )
     if previous is None:
-        foreign = sorted(p.name for p in out.glob("shard-*.tar")) + [n for n in (MANIFEST_NAME,) if (out / n).exists()]
+        foreign = sorted(p.name for p in out.glob("shard-*.tar")) + [
+            n for n in (MANIFEST_NAME,) if (out / n).exists()
+        ]
         if foreign:
             raise ConversionError(
                 f"--out {out} already holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} but no "
@@ -388,14 +452,22 @@ def convert(
     from tqdm import tqdm
 
     resumed = sum(len(parts[k]["ids"]) + len(parts[k]["skipped"]) for k in parts)
-    bar = tqdm(total=len(order), initial=resumed, unit="rec", desc=f"{json_path.name} -> {out.name}",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(order),
+        initial=resumed,
+        unit="rec",
+        desc=f"{json_path.name} -> {out.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     if resumed:
         bar.write(f"resuming: {len(parts)} of {n_shards} shards already done")
     start = time.perf_counter()
     pool = multiprocessing.Pool(workers) if workers > 1 and len(todo) > 1 else None
     try:
-        results = pool.imap_unordered(convert_shard, tasks()) if pool else map(convert_shard, tasks())
+        results = (
+            pool.imap_unordered(convert_shard, tasks()) if pool else map(convert_shard, tasks())
+        )
         for part in results:
             parts[part["shard"]] = part
             bar.update(len(part["ids"]) + len(part["skipped"]))
@@ -409,22 +481,50 @@ def convert(
             pool.close()
             pool.join()
 
-    return _finish(out, json_path, p, parts, n_shards, len(order), tokenizer, settings, time.perf_counter() - start)
+    return _finish(
+        out,
+        json_path,
+        p,
+        parts,
+        n_shards,
+        len(order),
+        tokenizer,
+        settings,
+        time.perf_counter() - start,
+    )
 
 
-def _finish(out: Path, json_path: Path, preset: Preset, parts: dict[int, dict], n_shards: int, total: int,
-            tokenizer: Optional[str], settings: dict, elapsed: float) -> dict[str, Any]:
+def _finish(
+    out: Path,
+    json_path: Path,
+    preset: Preset,
+    parts: dict[int, dict],
+    n_shards: int,
+    total: int,
+    tokenizer: Optional[str],
+    settings: dict,
+    elapsed: float,
+) -> dict[str, Any]:
     shards, skipped_list = [], []
     for k in range(n_shards):
         part = parts[k]
         skipped_list += part["skipped"]
         if part["path"] is not None:
-            shards.append({"path": part["path"], "num_samples": len(part["ids"]), "tokens": part["tokens"],
-                           "images": part["images"]})
+            shards.append(
+                {
+                    "path": part["path"],
+                    "num_samples": len(part["ids"]),
+                    "tokens": part["tokens"],
+                    "images": part["images"],
+                }
+            )
     counts = Counter(s["reason"] for s in skipped_list)
     written = sum(s["num_samples"] for s in shards)
-    method = ({"method": "tokenizer", "tokenizer": tokenizer} if tokenizer
-              else {"method": "words", "tokens_per_word": TOKENS_PER_WORD})
+    method = (
+        {"method": "tokenizer", "tokenizer": tokenizer}
+        if tokenizer
+        else {"method": "words", "tokens_per_word": TOKENS_PER_WORD}
+    )
     source = {"json": str(json_path), "preset": preset.name, **settings}
     manifest = {
         "format": FORMAT,
@@ -472,36 +572,92 @@ def build_parser(prog: str, description: str, default_preset: str) -> argparse.A
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"presets:\n{presets}\n\nOutput: shard-*.tar, manifest.json, report.json in --out. "
-               "Exit status 0 when at least one sample was written, 1 when none was, 2 for bad options.",
+        "Exit status 0 when at least one sample was written, 1 when none was, 2 for bad options.",
     )
-    p.add_argument("--json", required=True, help="annotation file: a JSON list of LLaVA-schema records (or .jsonl)")
-    p.add_argument("--images", required=True, help="folder the records' image paths are relative to (see the preset)")
-    p.add_argument("--out", required=True, help="output folder (shards, manifest.json, report.json); nothing is "
-                                                "written outside it")
-    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS.names()],
-                   help=f"dataset preset; auto = chosen by the exact --json file name, else {default_preset!r} "
-                        "(default: %(default)s)")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="records per shard, before skips "
-                                                                       "(default: %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="parallel processes, one shard each at a time; the output does not depend on it "
-                        "(default: %(default)s)")
-    p.add_argument("--image-dir", action="append", default=[], type=_image_dir, metavar="PREFIX=FOLDER",
-                   help="read image paths starting with PREFIX from FOLDER instead of --images/PREFIX "
-                        "(repeatable), e.g. llava/llava_pretrain/images=/data/LLaVA-Pretrain/images")
-    p.add_argument("--tokenizer", default=None, help="count text tokens with this tokenizer (hub name or local "
-                                                     "folder); default: estimate 1.3 tokens per word")
-    p.add_argument("--max-tokens", type=int, default=None, help="skip records whose text tokens + images x "
-                                                                "--image-tokens exceed this (default: keep all)")
-    p.add_argument("--image-tokens", type=int, default=576, help="tokens per image for --max-tokens "
-                                                                 "(576 = CLIP ViT-L/14 at 336 px) (default: %(default)s)")
-    p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle records with this seed before sharding "
-                                                                  "(default: keep file order)")
-    p.add_argument("--limit", type=int, default=None, help="convert only the first N records (a quick trial)")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier conversion in --out "
-                                                            "(default: resume it)")
+    p.add_argument(
+        "--json",
+        required=True,
+        help="annotation file: a JSON list of LLaVA-schema records (or .jsonl)",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        help="folder the records' image paths are relative to (see the preset)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (shards, manifest.json, report.json); nothing is written outside it",
+    )
+    p.add_argument(
+        "--preset",
+        default="auto",
+        choices=["auto", *PRESETS.names()],
+        help=f"dataset preset; auto = chosen by the exact --json file name, else {default_preset!r} "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=1000,
+        help="records per shard, before skips (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="parallel processes, one shard each at a time; the output does not depend on it "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--image-dir",
+        action="append",
+        default=[],
+        type=_image_dir,
+        metavar="PREFIX=FOLDER",
+        help="read image paths starting with PREFIX from FOLDER instead of --images/PREFIX "
+        "(repeatable), e.g. llava/llava_pretrain/images=/data/LLaVA-Pretrain/images",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="count text tokens with this tokenizer (hub name or local "
+        "folder); default: estimate 1.3 tokens per word",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="skip records whose text tokens + images x "
+        "--image-tokens exceed this (default: keep all)",
+    )
+    p.add_argument(
+        "--image-tokens",
+        type=int,
+        default=576,
+        help="tokens per image for --max-tokens "
+        "(576 = CLIP ViT-L/14 at 336 px) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=None,
+        help="shuffle records with this seed before sharding (default: keep file order)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="convert only the first N records (a quick trial)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard an earlier conversion in --out (default: resume it)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--list-presets", action="store_true", help="print presets with their image layout and quirks")
+    p.add_argument(
+        "--list-presets",
+        action="store_true",
+        help="print presets with their image layout and quirks",
+    )
     return p
 
 
@@ -516,20 +672,44 @@ def _list_presets() -> None:
             print(f"  note:   {note}")
 
 
-def main(argv: Sequence[str] | None = None, *, prog: str = "python -m data_prep.convert",
-         description: str = __doc__.split("\n\n")[0], default_preset: str = "llava") -> int:
-    if argv is not None and "--list-presets" in argv or argv is None and "--list-presets" in sys.argv[1:]:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "python -m data_prep.convert",
+    description: str = __doc__.split("\n\n")[0],
+    default_preset: str = "llava",
+) -> int:
+    if (
+        argv is not None
+        and "--list-presets" in argv
+        or argv is None
+        and "--list-presets" in sys.argv[1:]
+    ):
         _list_presets()
         return 0
     args = build_parser(prog, description, default_preset).parse_args(argv)
-    preset = detect_preset(Path(args.json).name, default_preset) if args.preset == "auto" else args.preset
+    preset = (
+        detect_preset(Path(args.json).name, default_preset)
+        if args.preset == "auto"
+        else args.preset
+    )
     print(f"preset: {preset} ({PRESETS.get(preset).summary})", file=sys.stderr)
     try:
         report = convert(
-            args.json, args.images, args.out, preset=preset, samples_per_shard=args.samples_per_shard,
-            workers=max(1, args.workers), image_dirs=args.image_dir, tokenizer=args.tokenizer,
-            max_tokens=args.max_tokens, image_tokens=args.image_tokens, shuffle_seed=args.shuffle_seed,
-            limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress,
+            args.json,
+            args.images,
+            args.out,
+            preset=preset,
+            samples_per_shard=args.samples_per_shard,
+            workers=max(1, args.workers),
+            image_dirs=args.image_dir,
+            tokenizer=args.tokenizer,
+            max_tokens=args.max_tokens,
+            image_tokens=args.image_tokens,
+            shuffle_seed=args.shuffle_seed,
+            limit=args.limit,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
         )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -537,7 +717,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m data_prep.
     summary = {k: report[k] for k in ("records", "written", "shards", "skipped", "seconds")}
     print(json.dumps(summary, indent=2))
     if report["written"] == 0:
-        print(f"error: no usable record in {args.json}; see {Path(args.out) / REPORT_NAME}", file=sys.stderr)
+        print(
+            f"error: no usable record in {args.json}; see {Path(args.out) / REPORT_NAME}",
+            file=sys.stderr,
+        )
         return 1
     print(f"shards, manifest.json and {REPORT_NAME} in {args.out}", file=sys.stderr)
     return 0

@@ -12,6 +12,7 @@ The preset is picked from the annotation file's exact name (``--preset`` overrid
 ``--list-presets`` for each dataset's image layout and quirks. All logic is in
 :mod:`data_prep.convert`.
 """
+
 from __future__ import annotations
 
 import sys

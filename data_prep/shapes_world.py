@@ -4,8 +4,8 @@ Example::
 
     python -m data_prep.shapes_world --out data/shapes_world --train-images 12000 --seed 0
 
-All generation logic lives in :mod:`lmm.data.synthetic`; this module only maps
-command-line options onto :class:`~lmm.data.synthetic.WorldConfig`.
+All generation logic lives in :mod:`lmm.worlds.shapes.world`; this module only maps
+command-line options onto :class:`~lmm.worlds.shapes.world.WorldConfig`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from lmm.data.synthetic import CAPTION_STYLES, WorldConfig, write_world
+from lmm.worlds.shapes.config import CAPTION_STYLES, WorldConfig
+from lmm.worlds.shapes.writer import write_world
 
 _DEFAULTS = WorldConfig()
 
@@ -28,15 +29,36 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate the deterministic synthetic shapes world (pretrain/finetune/val/test WebDataset shards).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", required=True, help="output directory (manifest.json + one folder per split)")
-    p.add_argument("--train-images", type=int, default=_DEFAULTS.train_images, help="number of training images")
-    p.add_argument("--val-images", type=int, default=_DEFAULTS.val_images, help="number of validation images")
-    p.add_argument("--test-images", type=int, default=_DEFAULTS.test_images, help="number of held-out test images")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="root seed of all random streams")
-    p.add_argument("--image-size", type=int, default=_DEFAULTS.image_size, help="image side in pixels")
-    p.add_argument("--grid", type=int, default=_DEFAULTS.grid, help="cells per side (only 3 is supported)")
-    p.add_argument("--min-objects", type=int, default=_DEFAULTS.min_objects, help="minimum objects per image")
-    p.add_argument("--max-objects", type=int, default=_DEFAULTS.max_objects, help="maximum objects per image")
+    p.add_argument(
+        "--out", required=True, help="output directory (manifest.json + one folder per split)"
+    )
+    p.add_argument(
+        "--train-images", type=int, default=_DEFAULTS.train_images, help="number of training images"
+    )
+    p.add_argument(
+        "--val-images", type=int, default=_DEFAULTS.val_images, help="number of validation images"
+    )
+    p.add_argument(
+        "--test-images",
+        type=int,
+        default=_DEFAULTS.test_images,
+        help="number of held-out test images",
+    )
+    p.add_argument(
+        "--seed", type=int, default=_DEFAULTS.seed, help="root seed of all random streams"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=_DEFAULTS.image_size, help="image side in pixels"
+    )
+    p.add_argument(
+        "--grid", type=int, default=_DEFAULTS.grid, help="cells per side (only 3 is supported)"
+    )
+    p.add_argument(
+        "--min-objects", type=int, default=_DEFAULTS.min_objects, help="minimum objects per image"
+    )
+    p.add_argument(
+        "--max-objects", type=int, default=_DEFAULTS.max_objects, help="maximum objects per image"
+    )
     p.add_argument(
         "--samples-per-shard",
         type=int,
@@ -64,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--balanced-exist",
         action="store_true",
-        help="existence questions in Yes/No pairs per image, rare kinds drawn more often (see WorldConfig.balanced_exist)",
+        help="existence questions in Yes/No pairs per image, rare kinds drawn more often "
+        "(see WorldConfig.balanced_exist)",
     )
     p.add_argument(
         "--caption-style",
@@ -74,9 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         "kinds: the objects grouped by shape kind (python -m lmm tiny uses kinds)",
     )
     p.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: all cores); output does not depend on it"
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: all cores); output does not depend on it",
     )
-    p.add_argument("--overwrite", action="store_true", help="regenerate even if a manifest with the same config exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="regenerate even if a manifest with the same config exists",
+    )
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     return p
 
@@ -106,11 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     manifest = write_world(
-        args.out, cfg, overwrite=args.overwrite, num_workers=args.workers, progress=not args.no_progress
+        args.out,
+        cfg,
+        overwrite=args.overwrite,
+        num_workers=args.workers,
+        progress=not args.no_progress,
     )
     elapsed = time.perf_counter() - start
     summary = {
-        name: {k: split[k] for k in ("num_images", "num_samples")} | {"shards": len(split["shards"])}
+        name: {k: split[k] for k in ("num_images", "num_samples")}
+        | {"shards": len(split["shards"])}
         for name, split in manifest["splits"].items()
     }
     print(json.dumps(summary, indent=2))

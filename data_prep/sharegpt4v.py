@@ -12,6 +12,7 @@ Example::
 ``--image-dir`` redirects a path prefix to a folder elsewhere. Same options as
 ``python -m data_prep.llava``; all logic is in :mod:`data_prep.convert`.
 """
+
 from __future__ import annotations
 
 import sys

@@ -4,6 +4,7 @@
 LightningCLI's (which ``LMMCLI`` does not offer): a researcher's predict input is LLaVA's
 question JSONL, not a shard set.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,12 +20,30 @@ LIGHTNING_COMMANDS = {
 
 # Subcommands that are not Lightning Trainer runs: name -> "module:function(argv)".
 EXTRA_COMMANDS = {
-    "score": ("lmm.eval.score:main", "score predictions of any model against a benchmark's annotations"),
-    "tiny": ("lmm.pipeline:main", "build the tiny world and models, pretrain, finetune and test on CPU"),
-    "chat": ("lmm.chat:main", "multi-turn chat about an image with a checkpoint directory (--ckpt DIR --image FILE)"),
-    "predict": ("lmm.predict:main", "answer a LLaVA question file (JSONL) with a checkpoint directory, batched"),
-    "export": ("lmm.export:main", "write a checkpoint directory as a Hugging Face LLaVA model (--ckpt DIR --out DIR)"),
-    "checkpoint": ("lmm.checkpoint_dir:main", "write a checkpoint directory from a config + weights (--config X --out DIR)"),
+    "score": (
+        "lmm.commands.score:main",
+        "score predictions of any model against a benchmark's annotations",
+    ),
+    "tiny": (
+        "lmm.commands.tiny:main",
+        "build the tiny world and models, pretrain, finetune and test on CPU",
+    ),
+    "chat": (
+        "lmm.commands.chat:main",
+        "multi-turn chat about an image with a checkpoint directory (--ckpt DIR --image FILE)",
+    ),
+    "predict": (
+        "lmm.commands.predict:main",
+        "answer a LLaVA question file (JSONL) with a checkpoint directory, batched",
+    ),
+    "export": (
+        "lmm.commands.export:main",
+        "write a checkpoint directory as a Hugging Face LLaVA model (--ckpt DIR --out DIR)",
+    ),
+    "checkpoint": (
+        "lmm.commands.checkpoint:main",
+        "write a checkpoint directory from a config + weights (--config X --out DIR)",
+    ),
 }
 
 
@@ -45,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {doc}")
         print()
         print("Options of the Lightning commands (fit, validate, test):")
-    from lmm.cli import LMMCLI
+    from lmm.train.cli import LMMCLI
 
     LMMCLI(args=None if from_command_line else argv)
     return 0

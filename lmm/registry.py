@@ -1,17 +1,12 @@
 """Exact-key registries: a component is chosen by its full name, never by substring."""
+
 from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
+from lmm.errors import UnknownComponentError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the option and what is allowed."""
-
-
-class UnknownComponentError(ConfigError):
-    """A config named a component that no registry entry has."""
 
 
 class Registry(Generic[T]):

@@ -3,6 +3,7 @@
 Everything is built locally (no network): a 2-layer SigLIP tower (32 px images, 8 px patches
 -> 16 tokens per image) and a 2-layer Llama with a byte-level BPE tokenizer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Tiny models: one intra-op thread is fastest and does not fight other processes for cores.
 torch.set_num_threads(1)
 
-from lmm.tiny import TinySpec  # noqa: E402
+from lmm.standins.tiny import TinySpec  # noqa: E402
 
 # Sizes chosen so every test runs in well under a second of model compute.
 TINY_SPEC = TinySpec(
@@ -44,23 +45,26 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-WORLD_KW = dict(train_images=64, val_images=8, test_images=8, samples_per_shard=16, eval_samples_per_shard=16)
+WORLD_KW = dict(
+    train_images=64, val_images=8, test_images=8, samples_per_shard=16, eval_samples_per_shard=16
+)
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """``{"vision": dir, "llm": dir}`` written with ``save_pretrained``."""
-    from lmm.pipeline import tokenizer_corpus
-    from lmm.tiny import build_tiny_models
+    from lmm.standins.tiny import build_tiny_models
+    from lmm.worlds.shapes.tiny import tiny_corpus
 
     out = tmp_path_factory.mktemp("tiny_models")
-    return build_tiny_models(out, tokenizer_corpus(), TINY_SPEC)
+    return build_tiny_models(out, tiny_corpus(), TINY_SPEC)
 
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> tuple[Path, dict]:
     """(directory, manifest) of a small shapes world: 4 pretrain + 4 finetune shards of 16."""
-    from lmm.data.synthetic import WorldConfig, write_world
+    from lmm.worlds.shapes.config import WorldConfig
+    from lmm.worlds.shapes.writer import write_world
 
     out = tmp_path_factory.mktemp("tiny_world")
     manifest = write_world(out, WorldConfig(**WORLD_KW), num_workers=1, progress=False)
@@ -76,22 +80,26 @@ def tokenizer(tiny_models):
 
 @pytest.fixture(scope="session")
 def image_spec(tiny_models):
-    from lmm.model.image_spec import ImageSpec
+    from lmm.visual.image_spec import ImageSpec
 
-    return ImageSpec.from_pretrained(str(tiny_models["vision"]), "siglip_vision_model", TINY_SPEC.image_size)
+    return ImageSpec.from_pretrained(
+        str(tiny_models["vision"]), "siglip_vision_model", TINY_SPEC.image_size
+    )
 
 
 def make_processor(tokenizer, image_spec, num_image_tokens: int = TOKENS_PER_IMAGE):
     from lmm.data.encode import Processor
 
-    return Processor(tokenizer, image_spec, num_image_tokens, tokenizer.convert_tokens_to_ids("<image>"))
+    return Processor(
+        tokenizer, image_spec, num_image_tokens, tokenizer.convert_tokens_to_ids("<image>")
+    )
 
 
 @pytest.fixture(scope="session")
 def _session_lmm(tiny_models):
     from lmm.model.language import LanguageConfig
     from lmm.model.lmm import LMM
-    from lmm.model.vision import VisionConfig
+    from lmm.model.towers import VisionConfig
 
     torch.manual_seed(0)
     model = LMM(
@@ -118,13 +126,18 @@ def image_text_batch(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     """A 2-sample (ids, mask, labels, pixels) batch with one image each, the second row padded."""
     n = TOKENS_PER_IMAGE
     ids = torch.tensor(
-        [[1] + [model.image_token_id] * n + [40, 41, 42, 43, 2], [1] + [model.image_token_id] * n + [50, 51, 2, 3, 3]]
+        [
+            [1] + [model.image_token_id] * n + [40, 41, 42, 43, 2],
+            [1] + [model.image_token_id] * n + [50, 51, 2, 3, 3],
+        ]
     )
     mask = torch.tensor([[1] * (n + 6), [1] * (n + 4) + [0, 0]])
     labels = ids.clone()
     labels[:, : n + 2] = -100  # image span and the first text token are not supervised
     labels[mask == 0] = -100
-    pv = torch.randn(2, 3, TINY_SPEC.image_size, TINY_SPEC.image_size, generator=torch.Generator().manual_seed(0))
+    pv = torch.randn(
+        2, 3, TINY_SPEC.image_size, TINY_SPEC.image_size, generator=torch.Generator().manual_seed(0)
+    )
     return ids, mask, labels, pv
 
 

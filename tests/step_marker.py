@@ -1,5 +1,6 @@
 """A Lightning callback for kill tests (tests/test_fault_tolerance.py): a training subprocess
 reports its progress through a file, and steps can be slowed so a signal lands mid-run."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """AnyRes: grid choice, resize-and-pad, unpadding, the budget rule and token counts (by hand,
 against transformers' LLaVA-OneVision processor, and data side == model side)."""
+
 from __future__ import annotations
 
 import functools
@@ -12,19 +13,26 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lmm.checkpoint import load_weights, save_weights
+from lmm.checkpoints.weights import load_weights, save_weights
 from lmm.data.collate import collate
 from lmm.data.encode import SampleEncoder
 from lmm.data.templates import get_template
 from lmm.data.visuals import anyres_crops
-from lmm.model.anyres import AnyResConfig, anyres_map, fit_in_canvas, select_grid, shrink_size, unpad_bounds
+from lmm.errors import ConfigError, ImageTokenMismatchError
 from lmm.model.freeze import FreezeConfig
-from lmm.model.image_batch import ImageBatch
 from lmm.model.language import LanguageConfig
-from lmm.model.lmm import LMM, ImageTokenMismatchError
-from lmm.model.vision import VisionConfig
-from lmm.model.visual_layout import Visual, VisualLayout, arrange
-from lmm.registry import ConfigError
+from lmm.model.lmm import LMM
+from lmm.model.towers import VisionConfig
+from lmm.visual.anyres import (
+    AnyResConfig,
+    anyres_map,
+    fit_in_canvas,
+    select_grid,
+    shrink_size,
+    unpad_bounds,
+)
+from lmm.visual.image_batch import ImageBatch
+from lmm.visual.layout import Visual, VisualLayout, arrange
 
 OV = AnyResConfig()  # LLaVA-OneVision: grids up to 6x6, anyres_max_9
 # SigLIP-so400m/14 at 384 px: 27x27 patch tokens per view (mlp2x_gelu keeps them).
@@ -91,7 +99,9 @@ def test_grid_selection():
     # Equal resolution and waste: the first candidate wins.
     assert select_grid(500, 500, [(1, 2), (2, 1)], 384) == (1, 2)
     assert select_grid(500, 500, [(2, 1), (1, 2)], 384) == (2, 1)
-    next_grids = AnyResConfig(grids=[[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]])  # LLaVA-NeXT 1.6 (336 px crops)
+    next_grids = AnyResConfig(
+        grids=[[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]]
+    )  # LLaVA-NeXT 1.6 (336 px crops)
     assert next_grids.grids[0] == (1, 2)
     assert select_grid(672, 336, next_grids.candidates(), 336) == (1, 2)
 
@@ -114,7 +124,9 @@ def test_crops_are_the_padded_canvas_row_major():
         assert crop.getpixel((5, 23)) == red and crop.getpixel((5, 24)) == fill
 
 
-@pytest.mark.parametrize("bad", [dict(max_grid=0), dict(grids=[[0, 1]]), dict(max_tiles=0), dict(shrink_tolerance=0.5)])
+@pytest.mark.parametrize(
+    "bad", [dict(max_grid=0), dict(grids=[[0, 1]]), dict(max_tiles=0), dict(shrink_tolerance=0.5)]
+)
 def test_bad_settings_name_the_option(bad):
     with pytest.raises(ConfigError, match="model.vision.anyres"):
         AnyResConfig(**bad)
@@ -122,11 +134,16 @@ def test_bad_settings_name_the_option(bad):
 
 def test_counts_equal_transformers_llava_onevision_processor():
     """transformers' own count for OneVision (anyres_max_9, 384 px, 27x27) on random sizes."""
-    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor as P
+    from transformers.models.llava_onevision.processing_llava_onevision import (
+        LlavaOnevisionProcessor as P,
+    )
 
     pinpoints = [[r * 384, c * 384] for r, c in OV.candidates()]  # (height, width), same order
-    ns = types.SimpleNamespace(image_processor=types.SimpleNamespace(image_grid_pinpoints=pinpoints),
-                               num_image_tokens=729, vision_aspect_ratio="anyres_max_9")
+    ns = types.SimpleNamespace(
+        image_processor=types.SimpleNamespace(image_grid_pinpoints=pinpoints),
+        num_image_tokens=729,
+        vision_aspect_ratio="anyres_max_9",
+    )
     ns._get_unpadded_features = functools.partial(P._get_unpadded_features, ns)
     rng = random.Random(0)
     for _ in range(500):
@@ -139,7 +156,9 @@ def test_counts_equal_transformers_llava_onevision_processor():
 
 def _coded_tiles(n_tiles: int, unit: int) -> torch.Tensor:
     """[tiles, unit^2, 1] features whose value names (tile, row, col): t*100 + r*10 + c."""
-    t, r, c = torch.meshgrid(torch.arange(n_tiles), torch.arange(unit), torch.arange(unit), indexing="ij")
+    t, r, c = torch.meshgrid(
+        torch.arange(n_tiles), torch.arange(unit), torch.arange(unit), indexing="ij"
+    )
     return (t * 100 + r * 10 + c).reshape(n_tiles, unit * unit, 1).float()
 
 
@@ -153,7 +172,9 @@ def test_arrange_stitches_crops_row_major_with_newlines():
 
 def test_arrange_removes_padding_rows():
     layout = VisualLayout(tile=32, unit=4, anyres=AnyResConfig(max_grid=2, max_tiles=None))
-    v = Visual("single", 64, 16)  # 1x2 crops; map 4x8, floor(16 * 8 / 64) = 2 image rows -> rows 1, 2
+    v = Visual(
+        "single", 64, 16
+    )  # 1x2 crops; map 4x8, floor(16 * 8 / 64) = 2 image rows -> rows 1, 2
     out = arrange(_coded_tiles(3, 4), [v], layout, torch.tensor([-1.0]))[16:, 0].reshape(2, 9)
     assert out[:, :4].tolist() == [[110, 111, 112, 113], [120, 121, 122, 123]]
     assert out[:, 4:8].tolist() == [[210, 211, 212, 213], [220, 221, 222, 223]]
@@ -167,7 +188,9 @@ def test_arrange_shrinks_by_bilinear_interpolation():
     newline = torch.randn(6)
     out = arrange(tiles, [v], layout, newline)
     stitched = tiles[1:].reshape(1, 2, 4, 4, 6).permute(0, 2, 1, 3, 4).reshape(4, 8, 6)
-    expect = F.interpolate(stitched.permute(2, 0, 1)[None], size=(2, 5), mode="bilinear")[0].permute(1, 2, 0)
+    expect = F.interpolate(stitched.permute(2, 0, 1)[None], size=(2, 5), mode="bilinear")[
+        0
+    ].permute(1, 2, 0)
     grid = out[16:].reshape(2, 6, 6)
     torch.testing.assert_close(grid[:, :5], expect)
     torch.testing.assert_close(grid[:, 5], newline.expand(2, 6))
@@ -181,22 +204,36 @@ def test_arrange_shrinks_by_bilinear_interpolation():
 def anyres_lmm(tiny_models):
     """The tiny model with AnyRes (32 px crops, 4x4 tokens each, up to 3x3 crops, budget 2 crops)."""
     torch.manual_seed(0)
-    vision = VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=-1,
-                          anyres=AnyResConfig(max_grid=3, max_tiles=2))
+    vision = VisionConfig(
+        name_or_path=str(tiny_models["vision"]),
+        feature_layer=-1,
+        anyres=AnyResConfig(max_grid=3, max_tiles=2),
+    )
     return LMM(vision, LanguageConfig(name_or_path=str(tiny_models["llm"])), "mlp2x_gelu").eval()
 
 
 def _processor(model):
     from lmm.data.encode import Processor
 
-    return Processor(model.tokenizer, model.vision.image_spec, model.num_image_tokens, model.image_token_id,
-                     model.image_layout)
+    return Processor(
+        model.tokenizer,
+        model.vision.image_spec,
+        model.num_image_tokens,
+        model.image_token_id,
+        model.image_layout,
+    )
 
 
 def _sample(sid: str, w: int, h: int, seed: int) -> tuple[dict, list]:
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
-    meta = {"id": sid, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a circle"}]}
+    meta = {
+        "id": sid,
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "a circle"},
+        ],
+    }
     return meta, [Image.fromarray(pixels)]
 
 
@@ -224,27 +261,43 @@ def test_data_count_equals_model_features_for_random_sizes(anyres_lmm):
     batch = collate(samples[:6], pad_id=model.tokenizer.pad_token_id)
     with torch.no_grad():
         embeds = model.embed(batch["input_ids"], batch["pixel_values"])
-        loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"])
+        loss = model(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
+        )
     assert embeds.shape[:2] == batch["input_ids"].shape and torch.isfinite(loss)
 
 
 def test_sample_with_another_count_fails_clearly(anyres_lmm):
     model = anyres_lmm
     proc = _processor(model)
-    other = replace(proc, layout=replace(proc.layout, anyres=AnyResConfig(max_grid=1)))  # 1x1 grids only
+    other = replace(
+        proc, layout=replace(proc.layout, anyres=AnyResConfig(max_grid=1))
+    )  # 1x1 grids only
     enc_ok = SampleEncoder(proc, get_template("vicuna"), max_length=4096)
     enc_other = SampleEncoder(other, get_template("vicuna"), max_length=4096)
-    batch = collate([enc_ok.encode_train(*_sample("fine", 40, 40, 0)),
-                     enc_other.encode_train(*_sample("wide", 100, 30, 1))], pad_id=model.tokenizer.pad_token_id)
-    with pytest.raises(ImageTokenMismatchError, match=r"row 1 has \d+ positions .* take \[\d+\] tokens.*another model"):
+    batch = collate(
+        [
+            enc_ok.encode_train(*_sample("fine", 40, 40, 0)),
+            enc_other.encode_train(*_sample("wide", 100, 30, 1)),
+        ],
+        pad_id=model.tokenizer.pad_token_id,
+    )
+    with pytest.raises(
+        ImageTokenMismatchError,
+        match=r"row 1 has \d+ positions .* take \[\d+\] tokens.*another model",
+    ):
         model.embed(batch["input_ids"], batch["pixel_values"])
     with pytest.raises(ImageTokenMismatchError, match="ImageBatch"):
-        model.embed(batch["input_ids"], batch["pixel_values"].pixels)  # a plain tensor cannot say the sizes
+        model.embed(
+            batch["input_ids"], batch["pixel_values"].pixels
+        )  # a plain tensor cannot say the sizes
 
 
 def test_image_batch_to_a_fixed_count_model_fails(lmm_model, anyres_lmm):
     enc = SampleEncoder(_processor(anyres_lmm), get_template("vicuna"), max_length=4096)
-    batch = collate([enc.encode_train(*_sample("a", 40, 40, 0))], pad_id=anyres_lmm.tokenizer.pad_token_id)
+    batch = collate(
+        [enc.encode_train(*_sample("a", 40, 40, 0))], pad_id=anyres_lmm.tokenizer.pad_token_id
+    )
     with pytest.raises(ImageTokenMismatchError, match="no model.vision.anyres/video"):
         lmm_model.embed(batch["input_ids"], batch["pixel_values"])
 
@@ -252,7 +305,9 @@ def test_image_batch_to_a_fixed_count_model_fails(lmm_model, anyres_lmm):
 def test_image_batch_moves_like_a_tensor():
     pv = ImageBatch.of_sample(torch.zeros(2, 3, 4, 4), [Visual("single", 9, 9)])
     moved = pv.to(torch.float64)
-    assert moved.pixels.dtype == torch.float64 and moved.items == pv.items and moved.row_tiles == (2,)
+    assert (
+        moved.pixels.dtype == torch.float64 and moved.items == pv.items and moved.row_tiles == (2,)
+    )
 
 
 # -- the newline parameter ------------------------------------------------------------------------
@@ -265,7 +320,9 @@ def test_newline_is_a_connector_parameter(anyres_lmm, lmm_model, tmp_path):
     width = model.llm.get_input_embeddings().weight.shape[1]
     assert model.connector.image_newline.shape == (width,)
     assert "connector.image_newline" in model.state_dict()
-    assert "connector.image_newline" not in lmm_model.state_dict()  # fixed-count models are unchanged
+    assert (
+        "connector.image_newline" not in lmm_model.state_dict()
+    )  # fixed-count models are unchanged
     model.apply_freeze(FreezeConfig(vision="frozen", connector="full", llm="frozen"))
     assert model.connector.image_newline.requires_grad
     model.apply_freeze(FreezeConfig(vision="full", connector="frozen", llm="full"))
@@ -284,9 +341,15 @@ def test_newline_is_a_connector_parameter(anyres_lmm, lmm_model, tmp_path):
 
 
 def test_resampler_has_no_grid_to_stitch(tiny_models):
-    vision = VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=-1, anyres=AnyResConfig())
+    vision = VisionConfig(
+        name_or_path=str(tiny_models["vision"]), feature_layer=-1, anyres=AnyResConfig()
+    )
     with pytest.raises(ConfigError, match="square patch grid"):
-        LMM(vision, LanguageConfig(name_or_path=str(tiny_models["llm"])), {"name": "resampler", "num_queries": 4, "heads": 2})
+        LMM(
+            vision,
+            LanguageConfig(name_or_path=str(tiny_models["llm"])),
+            {"name": "resampler", "num_queries": 4, "heads": 2},
+        )
 
 
 def test_siglip_384_tower_end_to_end(tmp_path, tiny_models):
@@ -296,8 +359,16 @@ def test_siglip_384_tower_end_to_end(tmp_path, tiny_models):
 
     torch.manual_seed(0)
     tower = tmp_path / "siglip384"
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, image_size=384, patch_size=14)).save_pretrained(tower)
+    SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=384,
+            patch_size=14,
+        )
+    ).save_pretrained(tower)
     SiglipImageProcessor(size={"height": 384, "width": 384}).save_pretrained(tower)
     vision = VisionConfig(name_or_path=str(tower), feature_layer=-1, anyres=AnyResConfig())
     model = LMM(vision, LanguageConfig(name_or_path=str(tiny_models["llm"])), "mlp2x_gelu").eval()
@@ -309,17 +380,30 @@ def test_siglip_384_tower_end_to_end(tmp_path, tiny_models):
         assert int((out["input_ids"] == model.image_token_id).sum()) == tokens
         batch = collate([out], pad_id=model.tokenizer.pad_token_id, left=True)
         with torch.no_grad():
-            assert model.embed(batch["input_ids"], batch["pixel_values"]).shape[1] == len(out["input_ids"])
+            assert model.embed(batch["input_ids"], batch["pixel_values"]).shape[1] == len(
+                out["input_ids"]
+            )
 
 
 def test_checkpoint_dir_keeps_the_layout_and_export_refuses_it(anyres_lmm, tiny_models, tmp_path):
-    from lmm.checkpoint_dir import load_checkpoint_dir, save_checkpoint_dir
-    from lmm.export import ExportError, export_llava
+    from lmm.checkpoints.directory import load_checkpoint_dir, save_checkpoint_dir
+    from lmm.checkpoints.hf_export import export_llava
+    from lmm.errors import ExportError
 
-    vision = VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=-1,
-                          anyres=AnyResConfig(max_grid=3, max_tiles=2))
-    out = save_checkpoint_dir(anyres_lmm, tmp_path / "ckpt", vision=vision, llm=LanguageConfig(name_or_path=str(tiny_models["llm"])),
-                              connector="mlp2x_gelu", template=get_template("vicuna"), max_length=512)
+    vision = VisionConfig(
+        name_or_path=str(tiny_models["vision"]),
+        feature_layer=-1,
+        anyres=AnyResConfig(max_grid=3, max_tiles=2),
+    )
+    out = save_checkpoint_dir(
+        anyres_lmm,
+        tmp_path / "ckpt",
+        vision=vision,
+        llm=LanguageConfig(name_or_path=str(tiny_models["llm"])),
+        connector="mlp2x_gelu",
+        template=get_template("vicuna"),
+        max_length=512,
+    )
     ckpt = load_checkpoint_dir(out)
     assert ckpt.model.image_layout == anyres_lmm.image_layout
     assert torch.equal(ckpt.model.connector.image_newline, anyres_lmm.connector.image_newline)

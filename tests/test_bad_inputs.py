@@ -1,6 +1,7 @@
 """Bad inputs at train and test time: one planted sample per kind, in a real tar shard, run
 through ``lmm fit`` and ``lmm test``. Each is skipped with its reason, counted (TensorBoard
 ``skipped/<reason>``, test metrics), never a crash; too many stop the run with a report."""
+
 from __future__ import annotations
 
 import io
@@ -14,12 +15,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 import yaml
+from conftest import json_bytes, png_bytes
 from PIL import Image
 
-from conftest import json_bytes, png_bytes
-from lmm.cli import LMMCLI
-from lmm.data.errors import SampleError
 from lmm.data.image import RGB_CONVERTIBLE_MODES, decode_image, to_rgb
+from lmm.errors import SampleError
+from lmm.train.cli import LMMCLI
 
 QUESTION = "<image>\nWhat colour is it?"
 BATCH = 4
@@ -67,14 +68,44 @@ def conversation(question: str = QUESTION, answer: str | None = "red") -> list[d
 
 # kind -> (json member, image member, skip reason at train time, at test time)
 BAD = {
-    "corrupt_image": (conversation(), b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "image_decode", "image_decode"),
+    "corrupt_image": (
+        conversation(),
+        b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+        "image_decode",
+        "image_decode",
+    ),
     "truncated_image": (conversation(), noisy_png()[:1500], "image_decode", "image_decode"),
     "empty_image": (conversation(), b"", "image_decode", "image_decode"),
-    "decompression_bomb": (conversation(), png_claiming(12_000, 12_000), "image_too_large", "image_too_large"),
-    "no_assistant_turn": (conversation(answer=None), png_bytes(), "no_assistant", None),  # a fine test prompt
-    "no_user_turn": ([{"from": "system", "value": "Be brief."}], None, "no_assistant", "malformed"),  # no question
-    "image_count_mismatch": (conversation("<image>\n<image>\nAnd these?"), png_bytes(), "image_count", "image_count"),
-    "overlong": (conversation("<image>\n" + "describe every detail " * 40), png_bytes(), "overlong", "overlong"),
+    "decompression_bomb": (
+        conversation(),
+        png_claiming(12_000, 12_000),
+        "image_too_large",
+        "image_too_large",
+    ),
+    "no_assistant_turn": (
+        conversation(answer=None),
+        png_bytes(),
+        "no_assistant",
+        None,
+    ),  # a fine test prompt
+    "no_user_turn": (
+        [{"from": "system", "value": "Be brief."}],
+        None,
+        "no_assistant",
+        "malformed",
+    ),  # no question
+    "image_count_mismatch": (
+        conversation("<image>\n<image>\nAnd these?"),
+        png_bytes(),
+        "image_count",
+        "image_count",
+    ),
+    "overlong": (
+        conversation("<image>\n" + "describe every detail " * 40),
+        png_bytes(),
+        "overlong",
+        "overlong",
+    ),
     "malformed_json": (None, png_bytes(), "malformed", "malformed"),
 }
 GOOD = 9
@@ -92,23 +123,48 @@ def write_bad_shard(path: Path) -> tuple[str, list[str]]:
         for kind, conv, image in samples:
             meta = b"{not json" if conv is None else json_bytes({"id": kind, "conversations": conv})
             ext = {"cmyk_jpeg": "jpg", "bilevel_bmp": "bmp", "float_tiff": "tif"}.get(kind, "png")
-            sink.write({"__key__": kind, "json": meta, **({ext: image} if image is not None else {})})
+            sink.write(
+                {"__key__": kind, "json": meta, **({ext: image} if image is not None else {})}
+            )
     return str(path), [s[0] for s in samples]
 
 
 def write_config(tmp_path: Path, tiny_models, shard: str, **data) -> Path:
     cfg = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 24 // BATCH, "log_every_n_steps": 1,
-                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path),
-                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": str(tmp_path / "runs"), "name": "bad"}}},
-        "model": {"vision": {"name_or_path": str(tiny_models["vision"]), "feature_layer": -1},
-                  "llm": {"name_or_path": str(tiny_models["llm"])}, "generation": {"max_new_tokens": 2},
-                  "results_dir": str(tmp_path / "results")},
-        "data": {"train": [shard], "test": [{"name": "bad", "shards": shard}], "template": "vicuna",
-                 "system_prompt": "", "max_length": 64, "batch_size": BATCH, "eval_batch_size": 8, "num_workers": 0,
-                 "shuffle_buffer": 0, **data},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 24 // BATCH,
+            "log_every_n_steps": 1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "bad"},
+            },
+        },
+        "model": {
+            "vision": {"name_or_path": str(tiny_models["vision"]), "feature_layer": -1},
+            "llm": {"name_or_path": str(tiny_models["llm"])},
+            "generation": {"max_new_tokens": 2},
+            "results_dir": str(tmp_path / "results"),
+        },
+        "data": {
+            "train": [shard],
+            "test": [{"name": "bad", "shards": shard}],
+            "template": "vicuna",
+            "system_prompt": "",
+            "max_length": 64,
+            "batch_size": BATCH,
+            "eval_batch_size": 8,
+            "num_workers": 0,
+            "shuffle_buffer": 0,
+            **data,
+        },
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -121,7 +177,11 @@ def last_scalars(log_dir: Path, prefix: str) -> dict[str, float]:
     (events,) = log_dir.rglob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
-    return {t[len(prefix):]: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith(prefix)}
+    return {
+        t[len(prefix) :]: acc.Scalars(t)[-1].value
+        for t in acc.Tags()["scalars"]
+        if t.startswith(prefix)
+    }
 
 
 def test_every_bad_kind_is_skipped_and_counted_in_fit_and_test(tmp_path, tiny_models):
@@ -135,28 +195,44 @@ def test_every_bad_kind_is_skipped_and_counted_in_fit_and_test(tmp_path, tiny_mo
     assert cli.model.skipped == train_expected
     seen = cli.datamodule.bad_samples("training")
     assert seen.seen == len(keys) and seen.skipped == train_expected  # every unusual mode trained
-    assert last_scalars(tmp_path / "runs", "skipped/") == {k: float(v) for k, v in train_expected.items()}
+    assert last_scalars(tmp_path / "runs", "skipped/") == {
+        k: float(v) for k, v in train_expected.items()
+    }
 
     cli = LMMCLI(args=["test", "--config", str(config)])
     metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
     assert metrics["skipped"] == dict(test_expected)
-    answered = [json.loads(line)["question_id"] for line in (tmp_path / "results" / "predictions_bad.jsonl").open()]
+    answered = [
+        json.loads(line)["question_id"]
+        for line in (tmp_path / "results" / "predictions_bad.jsonl").open()
+    ]
     assert sorted(answered) == sorted(set(keys) - {k for k, v in BAD.items() if v[3]})
     assert "no_assistant_turn" in answered and "cmyk_jpeg" in answered
 
 
 # Training: the first 2 batches (8 samples) are all bad. Test: the first batch of 8 usable
 # prompts comes with the 8 bad ones before it (the no-assistant sample is a fine prompt).
-@pytest.mark.parametrize("command, stage, counts", [("fit", "training", "8 of 8 training samples (100.0%)"),
-                                                    ("test", "test", "8 of 16 test samples (50.0%)")])
-def test_too_many_bad_samples_stop_the_run_with_a_report(command, stage, counts, tmp_path, tiny_models, capsys):
+@pytest.mark.parametrize(
+    "command, stage, counts",
+    [
+        ("fit", "training", "8 of 8 training samples (100.0%)"),
+        ("test", "test", "8 of 16 test samples (50.0%)"),
+    ],
+)
+def test_too_many_bad_samples_stop_the_run_with_a_report(
+    command, stage, counts, tmp_path, tiny_models, capsys
+):
     shard, _ = write_bad_shard(tmp_path / "shard-000000.tar")
-    config = write_config(tmp_path, tiny_models, shard, max_bad_fraction=0.25, bad_fraction_min_samples=8)
+    config = write_config(
+        tmp_path, tiny_models, shard, max_bad_fraction=0.25, bad_fraction_min_samples=8
+    )
     with pytest.raises(SystemExit) as info:
         LMMCLI(args=[command, "--config", str(config)])
     err = capsys.readouterr().err
     assert info.value.code == 1
-    assert f"error: data: {counts} were skipped, more than data.max_bad_fraction=0.25" in err, err[-3000:]
+    assert f"error: data: {counts} were skipped, more than data.max_bad_fraction=0.25" in err, err[
+        -3000:
+    ]
     column, seen = (2, list(BAD.values())[:8]) if stage == "training" else (3, BAD.values())
     for reason, n in Counter(v[column] for v in seen if v[column]).items():
         assert f"  {reason}: {n}\n" in err, err[-3000:]
@@ -171,8 +247,12 @@ def test_decoding_guards():
     assert info.value.reason == "image_too_large"
     with pytest.raises(SampleError) as info:
         decode_image(png_claiming(300, 300), max_pixels=300 * 299)
-    assert info.value.reason == "image_too_large" and "data.max_image_pixels=89,700" in str(info.value)
-    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"  # PIL would run Ghostscript
+    assert info.value.reason == "image_too_large" and "data.max_image_pixels=89,700" in str(
+        info.value
+    )
+    eps = (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"  # PIL would run Ghostscript
+    )
     with pytest.raises(SampleError) as info:
         decode_image(eps)
     assert info.value.reason == "image_decode"

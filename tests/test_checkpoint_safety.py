@@ -1,5 +1,6 @@
 """Safe saving and loading: an interrupted checkpoint write leaves the previous checkpoint
 loadable; checkpoints and shards holding pickled objects are refused, never unpickled."""
+
 from __future__ import annotations
 
 import io
@@ -13,17 +14,22 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
-
 from conftest import json_bytes, png_bytes
-from lmm.atomic import partial_path
-from lmm.checkpoint_io import SafeCheckpointIO, UnsafeCheckpointError
-from lmm.cli import LMMCLI
+
+from lmm.checkpoints.atomic import partial_path
+from lmm.checkpoints.lightning_io import SafeCheckpointIO
+from lmm.errors import UnsafeCheckpointError
+from lmm.train.cli import LMMCLI
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def state(step: int) -> dict:
-    return {"global_step": step, "state_dict": {"w": torch.full((64, 64), float(step))}, "note": f"step {step}"}
+    return {
+        "global_step": step,
+        "state_dict": {"w": torch.full((64, 64), float(step))},
+        "note": f"step {step}",
+    }
 
 
 def test_a_save_interrupted_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -40,7 +46,9 @@ def test_a_save_interrupted_midway_leaves_the_previous_checkpoint(tmp_path, monk
         io_.save_checkpoint(state(2), path)
     monkeypatch.undo()
     loaded = io_.load_checkpoint(path)
-    assert loaded["global_step"] == 1 and torch.equal(loaded["state_dict"]["w"], state(1)["state_dict"]["w"])
+    assert loaded["global_step"] == 1 and torch.equal(
+        loaded["state_dict"]["w"], state(1)["state_dict"]["w"]
+    )
     assert os.listdir(path.parent) == ["last.ckpt"]  # the partial file is cleaned up
     io_.save_checkpoint(state(3), path)
     assert io_.load_checkpoint(path)["global_step"] == 3
@@ -56,20 +64,32 @@ def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
     path.write_bytes(old.getvalue())
     script = (
         "import os, signal, sys\n"
-        "from lmm.atomic import atomic_write\n"
+        "from lmm.checkpoints.atomic import atomic_write\n"
         "data = open(sys.argv[2], 'rb').read()\n"
         "def write(f):\n"
         "    f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "atomic_write(sys.argv[1], write)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "new.bin")], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(tmp_path / "new.bin")],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    assert partial_path(path).stat().st_size == len(new.getvalue()) // 2  # the crash left its half-written file
+    assert (
+        partial_path(path).stat().st_size == len(new.getvalue()) // 2
+    )  # the crash left its half-written file
     assert SafeCheckpointIO().load_checkpoint(path)["global_step"] == 1
-    SafeCheckpointIO().save_checkpoint(state(3), path)  # the next save replaces the stale partial file
-    assert SafeCheckpointIO().load_checkpoint(path)["global_step"] == 3 and not partial_path(path).exists()
+    SafeCheckpointIO().save_checkpoint(
+        state(3), path
+    )  # the next save replaces the stale partial file
+    assert (
+        SafeCheckpointIO().load_checkpoint(path)["global_step"] == 3
+        and not partial_path(path).exists()
+    )
 
 
 class Payload:
@@ -94,10 +114,29 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, tiny_models, tiny
 
     # `python -m lmm fit --ckpt_path`: LightningCLI reads the hyperparameters, the Trainer the rest.
     root = tiny_world[0]
-    args = ["fit", "--model.vision.name_or_path", str(tiny_models["vision"]), "--model.vision.feature_layer", "-1",
-            "--model.llm.name_or_path", str(tiny_models["llm"]), "--data.train", f"[{root}/pretrain/shard-*.tar]",
-            "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
-            "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(evil)]
+    args = [
+        "fit",
+        "--model.vision.name_or_path",
+        str(tiny_models["vision"]),
+        "--model.vision.feature_layer",
+        "-1",
+        "--model.llm.name_or_path",
+        str(tiny_models["llm"]),
+        "--data.train",
+        f"[{root}/pretrain/shard-*.tar]",
+        "--data.num_workers",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--ckpt_path",
+        str(evil),
+    ]
     with pytest.raises(SystemExit) as info:
         LMMCLI(args=args)
     assert info.value.code == 1
@@ -121,23 +160,42 @@ def write_shard(path: Path, member: str, marker: Path) -> str:
 
 
 @pytest.mark.parametrize("command, member, workers", [("fit", "pyd", 1), ("test", "pickle", 0)])
-def test_shard_with_a_pickle_member_is_refused(command, member, workers, tmp_path, tiny_models, capsys):
+def test_shard_with_a_pickle_member_is_refused(
+    command, member, workers, tmp_path, tiny_models, capsys
+):
     marker = tmp_path / "code_ran"
     shard = write_shard(tmp_path / "shard-000000.tar", member, marker)
     cfg = {
-        "trainer": {"accelerator": "cpu", "logger": False, "max_steps": 2, "enable_checkpointing": False,
-                    "default_root_dir": str(tmp_path)},
-        "model": {"vision": {"name_or_path": str(tiny_models["vision"]), "feature_layer": -1},
-                  "llm": {"name_or_path": str(tiny_models["llm"])}, "results_dir": str(tmp_path / "results")},
-        "data": {"train": [shard], "test": [{"name": "t", "shards": shard}], "template": "vicuna", "batch_size": 4,
-                 "eval_batch_size": 4, "num_workers": workers, "max_length": 64},
+        "trainer": {
+            "accelerator": "cpu",
+            "logger": False,
+            "max_steps": 2,
+            "enable_checkpointing": False,
+            "default_root_dir": str(tmp_path),
+        },
+        "model": {
+            "vision": {"name_or_path": str(tiny_models["vision"]), "feature_layer": -1},
+            "llm": {"name_or_path": str(tiny_models["llm"])},
+            "results_dir": str(tmp_path / "results"),
+        },
+        "data": {
+            "train": [shard],
+            "test": [{"name": "t", "shards": shard}],
+            "template": "vicuna",
+            "batch_size": 4,
+            "eval_batch_size": 4,
+            "num_workers": workers,
+            "max_length": 64,
+        },
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit) as info:
         LMMCLI(args=[command, "--config", str(tmp_path / "cfg.yaml")])
     err = capsys.readouterr().err
     assert info.value.code == 1
-    assert f"error: {shard}: sample 's-1' has a '{member}' member; pickled members are refused" in err, err[-2000:]
+    assert (
+        f"error: {shard}: sample 's-1' has a '{member}' member; pickled members are refused" in err
+    ), err[-2000:]
     assert not marker.exists()
 
 
@@ -145,9 +203,17 @@ def test_configs_are_data_not_code(tmp_path, tiny_models, capsys):
     """A YAML tag that would call Python (here: create a file) is not constructed."""
     marker = tmp_path / "code_ran"
     config = tmp_path / "evil.yaml"
-    config.write_text(f"model:\n  results_dir: !!python/object/apply:os.system ['touch {marker}']\n")
-    args = ["--config", str(config), "--model.vision.name_or_path", str(tiny_models["vision"]),
-            "--model.llm.name_or_path", str(tiny_models["llm"])]
+    config.write_text(
+        f"model:\n  results_dir: !!python/object/apply:os.system ['touch {marker}']\n"
+    )
+    args = [
+        "--config",
+        str(config),
+        "--model.vision.name_or_path",
+        str(tiny_models["vision"]),
+        "--model.llm.name_or_path",
+        str(tiny_models["llm"]),
+    ]
     with pytest.raises(SystemExit) as info:
         LMMCLI(args=args, run=False)
     assert info.value.code != 0 and "python/object/apply" in capsys.readouterr().err

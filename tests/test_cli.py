@@ -1,4 +1,5 @@
 """The LightningCLI: documented options, overrides, config errors, and a short real fit."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import yaml
 from safetensors import safe_open
 
 from lmm.__main__ import main as lmm_main
-from lmm.cli import LMMCLI
-from lmm.model.connector import CONNECTORS
+from lmm.model.connectors import CONNECTORS
+from lmm.train.cli import LMMCLI
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,17 @@ def base_args(tiny_models, tiny_world) -> list[str]:
     ]  # fmt: skip
 
 
-ALL_COMMANDS = ["fit", "validate", "test", "predict", "score", "tiny", "chat", "export", "checkpoint"]
+ALL_COMMANDS = [
+    "fit",
+    "validate",
+    "test",
+    "predict",
+    "score",
+    "tiny",
+    "chat",
+    "export",
+    "checkpoint",
+]
 
 
 def test_main_help_lists_every_command(capsys):
@@ -54,10 +65,20 @@ def test_predict_is_lmms_command_not_lightnings(capsys):
     assert set(LMMCLI.subcommands()) == {"fit", "validate", "test"}
     # The real entry point, as a user types it: lmm's question-file predict.
     env = {**os.environ, "COLUMNS": "120", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "lmm", "predict", "--help"], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmm", "predict", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "python -m lmm predict" in proc.stdout and "--questions" in proc.stdout and "--ckpt" in proc.stdout
+    assert (
+        "python -m lmm predict" in proc.stdout
+        and "--questions" in proc.stdout
+        and "--ckpt" in proc.stdout
+    )
     # LightningCLI's predict is not reachable through LMMCLI.
     with pytest.raises(SystemExit) as info:
         LMMCLI(args=["predict", "--help"])
@@ -74,26 +95,43 @@ def run_cli_error(args: list[str], capsys) -> tuple[int, str]:
 def test_fit_help_documents_freeze_options():
     # The real entry point, as a user types it.
     env = {**os.environ, "COLUMNS": "120", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "lmm", "fit", "--help"], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmm", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     flat = " ".join(proc.stdout.split())
     assert "--model.freeze.vision {full,frozen,partial,lora}" in flat
     # The field's doc line from FreezeConfig's docstring, and its type and default.
-    assert "``full`` trains the tower, ``frozen`` freezes it, ``partial`` freezes the patch embedding" in flat
+    assert (
+        "``full`` trains the tower, ``frozen`` freezes it, ``partial`` freezes the patch embedding"
+        in flat
+    )
     assert "default: full" in flat
-    assert "--model.freeze.vision_from_layer" in flat and "First trainable tower block under ``partial``" in flat
-    assert "--model.connector" in flat and "--data.template" in flat and "--trainer.max_steps" in flat
+    assert (
+        "--model.freeze.vision_from_layer" in flat
+        and "First trainable tower block under ``partial``" in flat
+    )
+    assert (
+        "--model.connector" in flat and "--data.template" in flat and "--trainer.max_steps" in flat
+    )
     # data.template's doc names every registered template.
     from lmm.data.templates import TEMPLATES
 
-    doc = flat[flat.rindex("--data.template TEMPLATE"):][:800]  # the option's help, not the usage line
+    doc = flat[flat.rindex("--data.template TEMPLATE") :][
+        :800
+    ]  # the option's help, not the usage line
     assert all(f"``{name}``" in doc for name in TEMPLATES.names()), doc
 
 
 def test_overrides_land_in_instantiated_objects(base_args):
     cli = LMMCLI(
-        args=base_args + ["--model.freeze.vision", "frozen", "--trainer.max_steps", "3", "--data.batch_size", "2"],
+        args=base_args
+        + ["--model.freeze.vision", "frozen", "--trainer.max_steps", "3", "--data.batch_size", "2"],
         run=False,
     )
     model, dm = cli.model, cli.datamodule
@@ -144,20 +182,28 @@ def test_unknown_template_lists_known_ones(base_args, capsys):
     assert code == 2
     from lmm.data.templates import TEMPLATES
 
-    assert "data.template: unknown template 'vicunaa'; known: " + ", ".join(TEMPLATES.names()) in err
+    assert (
+        "data.template: unknown template 'vicunaa'; known: " + ", ".join(TEMPLATES.names()) in err
+    )
 
 
 def test_missing_model_directory_is_a_config_error(base_args, tmp_path, capsys):
-    code, err = run_cli_error(base_args + ["--model.llm.name_or_path", str(tmp_path / "nope")], capsys)
+    code, err = run_cli_error(
+        base_args + ["--model.llm.name_or_path", str(tmp_path / "nope")], capsys
+    )
     assert code == 2
     assert "cannot load tokenizer weights" in err and "nope" in err
 
 
 def test_offline_hub_name_says_how_to_download(base_args, capsys):
     # conftest sets HF_HUB_OFFLINE: a hub name that is not cached cannot be fetched.
-    code, err = run_cli_error(base_args + ["--model.llm.name_or_path", "lmm-test/no-such-llm"], capsys)
+    code, err = run_cli_error(
+        base_args + ["--model.llm.name_or_path", "lmm-test/no-such-llm"], capsys
+    )
     assert code == 2
-    assert "`hf download lmm-test/no-such-llm --local-dir DIR`" in err and "huggingface-cli" not in err
+    assert (
+        "`hf download lmm-test/no-such-llm --local-dir DIR`" in err and "huggingface-cli" not in err
+    )
 
 
 # -- a short real fit --------------------------------------------------------------------------
@@ -183,7 +229,13 @@ def test_short_fit_loss_falls_and_weights_round_trip(tiny_models, tiny_world, tm
     cfg["model"]["optim"].update(lr_vision=3e-3, lr_connector=3e-3, lr_llm=3e-3)
     weights = tmp_path / "pretrain.safetensors"
     cfg["model"]["save_weights"] = str(weights)
-    cfg["data"].update(train=[f"{root}/pretrain/shard-*.tar"], batch_size=8, num_workers=0, max_length=64, shuffle_buffer=64)
+    cfg["data"].update(
+        train=[f"{root}/pretrain/shard-*.tar"],
+        batch_size=8,
+        num_workers=0,
+        max_length=64,
+        shuffle_buffer=64,
+    )
     config = tmp_path / "pretrain.yaml"
     config.write_text(yaml.safe_dump(cfg))
 
@@ -206,12 +258,27 @@ def test_short_fit_loss_falls_and_weights_round_trip(tiny_models, tiny_world, tm
         saved = {k: f.get_tensor(k) for k in keys}
     for k, v in saved.items():
         assert torch.equal(v, trained[k]), k
-    common = ["--model.vision.name_or_path", str(tiny_models["vision"]), "--model.vision.feature_layer", "-1",
-              "--model.llm.name_or_path", str(tiny_models["llm"]), "--trainer.logger", "false",
-              "--model.connector", json.dumps(cfg["model"]["connector"]), "--data.train", f"[{root}/pretrain/shard-*.tar]"]
-    loaded = LMMCLI(args=common + ["--model.init_from", str(weights)], run=False).model.model.state_dict()
+    common = [
+        "--model.vision.name_or_path",
+        str(tiny_models["vision"]),
+        "--model.vision.feature_layer",
+        "-1",
+        "--model.llm.name_or_path",
+        str(tiny_models["llm"]),
+        "--trainer.logger",
+        "false",
+        "--model.connector",
+        json.dumps(cfg["model"]["connector"]),
+        "--data.train",
+        f"[{root}/pretrain/shard-*.tar]",
+    ]
+    loaded = LMMCLI(
+        args=common + ["--model.init_from", str(weights)], run=False
+    ).model.model.state_dict()
     fresh = LMMCLI(args=common, run=False).model.model.state_dict()
     for k, v in saved.items():
         assert torch.equal(loaded[k], v), k
     assert not torch.equal(fresh["connector.layers.0.weight"], saved["connector.layers.0.weight"])
-    assert not torch.equal(fresh["llm.model.embed_tokens.weight"], saved["llm.model.embed_tokens.weight"])
+    assert not torch.equal(
+        fresh["llm.model.embed_tokens.weight"], saved["llm.model.embed_tokens.weight"]
+    )

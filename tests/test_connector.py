@@ -1,11 +1,12 @@
 """Connectors: shapes, token counts, registry errors, pooling against a hand computation."""
+
 import pytest
 import torch
 
-from lmm.model.connector import CONNECTORS, ConnectorConfig, build_connector
+from lmm.errors import ConfigError, UnknownComponentError
+from lmm.model.connectors import CONNECTORS, ConnectorConfig, build_connector
 from lmm.model.connectors.pixel_shuffle import PixelShuffleMLP
 from lmm.model.connectors.resampler import Resampler
-from lmm.registry import ConfigError, UnknownComponentError
 
 
 @pytest.mark.parametrize("name,depth", [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3)])
@@ -23,7 +24,12 @@ def test_pool_connector_averages_each_2x2_cell():
     grid = x.view(2, 4, 4, 3)  # tokens are row-major over the 4x4 patch grid
     # Cell (r, c) of the 2x2 output averages patches (2r..2r+1, 2c..2c+1), in row-major order.
     expected = torch.stack(
-        [grid[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean(dim=(1, 2)) for r in range(2) for c in range(2)], dim=1
+        [
+            grid[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean(dim=(1, 2))
+            for r in range(2)
+            for c in range(2)
+        ],
+        dim=1,
     )
     assert torch.allclose(c(x), c.layers(expected), atol=1e-6)
 
@@ -74,14 +80,20 @@ def test_pixel_shuffle_factor_3_on_a_siglip_384_grid():
     assert c.num_output_tokens == 81 and c(torch.randn(1, 729, 4)).shape == (1, 81, 6)
     with pytest.raises(ConfigError) as err:
         build_connector(ConnectorConfig(name="pixel_shuffle", factor=2), 4, 6, 729)
-    assert "factor 2 does not divide the 27x27 token grid" in str(err.value) and "3, 9, 27" in str(err.value)
+    assert "factor 2 does not divide the 27x27 token grid" in str(err.value) and "3, 9, 27" in str(
+        err.value
+    )
     with pytest.raises(ConfigError, match="square grid"):
-        build_connector(ConnectorConfig(name="pixel_shuffle"), 4, 6, 577)  # CLIP-L/336 with its CLS token
+        build_connector(
+            ConnectorConfig(name="pixel_shuffle"), 4, 6, 577
+        )  # CLIP-L/336 with its CLS token
 
 
 def test_resampler_gives_num_queries_tokens_for_any_token_count():
     torch.manual_seed(0)
-    c = build_connector(ConnectorConfig(name="resampler", num_queries=5, depth=2, heads=2), 8, 12, 16)
+    c = build_connector(
+        ConnectorConfig(name="resampler", num_queries=5, depth=2, heads=2), 8, 12, 16
+    )
     assert c.num_output_tokens == 5
     assert len(c.blocks) == 2 and c.blocks[0].attn.num_heads == 2
     for n in (16, 7, 50):  # not tied to the tower's grid
@@ -111,8 +123,11 @@ def test_options_a_connector_does_not_read_are_errors():
     with pytest.raises(ConfigError) as err:
         build_connector(ConnectorConfig(name="mlp2x_gelu", num_queries=16), 8, 12, 16)
     assert "model.connector.num_queries does not apply to connector 'mlp2x_gelu'" in str(err.value)
-    with pytest.raises(ConfigError, match=r"model.connector.factor does not apply to connector 'resampler' "
-                                          r"\(it reads: num_queries, depth, heads\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.connector.factor does not apply to connector 'resampler' "
+        r"\(it reads: num_queries, depth, heads\)",
+    ):
         build_connector(ConnectorConfig(name="resampler", factor=3), 8, 12, 16)
     # Defaults of other connectors' options are fine.
     assert build_connector(ConnectorConfig(name="linear"), 8, 12, 16).num_output_tokens == 16
@@ -127,7 +142,7 @@ def test_unknown_name_in_a_config_names_the_field():
 
 def test_connector_options_from_yaml_reach_the_model(tiny_models, tmp_path):
     """A bare name and a name with options both work from YAML and the command line."""
-    from lmm.cli import LMMCLI
+    from lmm.train.cli import LMMCLI
 
     common = [
         "--model.vision.name_or_path", str(tiny_models["vision"]), "--model.vision.feature_layer", "-1",
@@ -137,7 +152,11 @@ def test_connector_options_from_yaml_reach_the_model(tiny_models, tmp_path):
     cfg.write_text("model:\n  connector:\n    name: resampler\n    num_queries: 6\n    heads: 4\n")
     cli = LMMCLI(args=common + ["--config", str(cfg)], run=False)
     m = cli.model.model
-    assert isinstance(m.connector, Resampler) and m.num_image_tokens == 6 and m.connector.blocks[0].attn.num_heads == 4
+    assert (
+        isinstance(m.connector, Resampler)
+        and m.num_image_tokens == 6
+        and m.connector.blocks[0].attn.num_heads == 4
+    )
     assert cli.datamodule.processor.num_image_tokens == 6  # the data side expands <image> to 6 ids
     assert cli.model.hparams["connector"]["num_queries"] == 6
     # One loss step through the whole model: 6 <image> positions take the 6 resampled tokens.
@@ -146,13 +165,21 @@ def test_connector_options_from_yaml_reach_the_model(tiny_models, tmp_path):
     loss = m(ids, torch.ones_like(ids), labels, torch.randn(1, 3, 32, 32))
     loss.backward()
     assert torch.isfinite(loss) and m.connector.queries.grad.abs().sum() > 0
-    cli = LMMCLI(args=common + ["--model.connector.name", "pixel_shuffle", "--model.connector.factor", "2"], run=False)
-    assert isinstance(cli.model.model.connector, PixelShuffleMLP) and cli.model.model.num_image_tokens == 4
+    cli = LMMCLI(
+        args=common + ["--model.connector.name", "pixel_shuffle", "--model.connector.factor", "2"],
+        run=False,
+    )
+    assert (
+        isinstance(cli.model.model.connector, PixelShuffleMLP)
+        and cli.model.model.num_image_tokens == 4
+    )
     cli = LMMCLI(args=common + ["--model.connector", "linear"], run=False)
     assert cli.model.hparams["connector"] == "linear" and cli.model.model.num_image_tokens == 16
 
 
-@pytest.mark.parametrize("name", ["linear", "mlp2x_gelu", "pool2x2_mlp2x_gelu", "resampler", "pixel_shuffle"])
+@pytest.mark.parametrize(
+    "name", ["linear", "mlp2x_gelu", "pool2x2_mlp2x_gelu", "resampler", "pixel_shuffle"]
+)
 def test_output_init_std_reinitialises_only_the_output_layer(name):
     torch.manual_seed(0)
     default = build_connector(name, 16, 64, 16)
@@ -164,8 +191,12 @@ def test_output_init_std_reinitialises_only_the_output_layer(name):
     assert out.bias is None or not out.bias.any()
     # Everything before the output layer keeps PyTorch's default initialisation.
     before = {k: v for k, v in default.state_dict().items()}
-    out_names = {f"{n}.weight" for n, m in small.named_modules() if m is out} | {f"{n}.bias" for n, m in small.named_modules() if m is out}
-    assert all(torch.equal(v, before[k]) for k, v in small.state_dict().items() if k not in out_names)
+    out_names = {f"{n}.weight" for n, m in small.named_modules() if m is out} | {
+        f"{n}.bias" for n, m in small.named_modules() if m is out
+    }
+    assert all(
+        torch.equal(v, before[k]) for k, v in small.state_dict().items() if k not in out_names
+    )
     x = torch.randn(2, 16, 16)
     assert small(x).norm() < 0.1 * default(x).norm()
 

@@ -1,6 +1,7 @@
 """How a step is computed: activation checkpointing, torch.compile, bf16, frozen towers without
 autograd, sharding units, packed training through the DataModule, and trainable-only
 checkpoints that resume exactly."""
+
 from __future__ import annotations
 
 import lightning as L
@@ -13,15 +14,17 @@ from test_streaming import make_dm, write_set
 from lmm.model.efficiency import EfficiencyConfig, checkpoint_blocks, is_block
 from lmm.model.freeze import FreezeConfig
 from lmm.model.language import LanguageConfig, decoder_blocks
-from lmm.model.vision import VisionConfig
-from lmm.module import LMMModule
+from lmm.model.towers import VisionConfig
+from lmm.train.module import LMMModule
 
 
 def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict]:
     model.zero_grad()
     loss = model(*batch)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def _assert_same(a, b, atol=1e-6):
@@ -32,7 +35,7 @@ def _assert_same(a, b, atol=1e-6):
 
 
 def test_blocks_are_marked_for_sharding_and_checkpointing(lmm_model):
-    from lmm.parallel import BlockFSDPStrategy
+    from lmm.train.parallel import BlockFSDPStrategy
 
     marked = [m for m in lmm_model.modules() if is_block(m)]
     want = [*lmm_model.vision.blocks(), *decoder_blocks(lmm_model.llm)]
@@ -49,7 +52,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(fresh_lmm):
     model = fresh_lmm.train()
     batch = image_text_batch(model)
     ref = _loss_and_grads(model, batch)
-    assert checkpoint_blocks(model.vision.blocks()) == 2 and checkpoint_blocks(decoder_blocks(model.llm)) == 2
+    assert (
+        checkpoint_blocks(model.vision.blocks()) == 2
+        and checkpoint_blocks(decoder_blocks(model.llm)) == 2
+    )
     assert checkpoint_blocks(model.vision.blocks()) == 0  # idempotent
     _assert_same(_loss_and_grads(model, batch), ref)
     with torch.no_grad():  # generation path: plain forward
@@ -58,16 +64,24 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(fresh_lmm):
 
 def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_models):
     torch.manual_seed(0)
-    kw = dict(vision=VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=-1),
-              llm=LanguageConfig(name_or_path=str(tiny_models["llm"])))
+    kw = dict(
+        vision=VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=-1),
+        llm=LanguageConfig(name_or_path=str(tiny_models["llm"])),
+    )
     eager = LMMModule(**kw)
-    compiled = LMMModule(**kw, efficiency=EfficiencyConfig(compile=True, compile_backend="aot_eager",
-                                                           grad_checkpointing_llm=True))
+    compiled = LMMModule(
+        **kw,
+        efficiency=EfficiencyConfig(
+            compile=True, compile_backend="aot_eager", grad_checkpointing_llm=True
+        ),
+    )
     compiled.model.load_state_dict(eager.model.state_dict())
     compiled.configure_model()
     compiled.configure_model()  # Lightning may call it again (fit then test): nothing is wrapped twice
     batch = image_text_batch(eager.model)
-    _assert_same(_loss_and_grads(compiled.model, batch), _loss_and_grads(eager.model, batch), atol=1e-5)
+    _assert_same(
+        _loss_and_grads(compiled.model, batch), _loss_and_grads(eager.model, batch), atol=1e-5
+    )
     assert set(compiled.model.state_dict()) == set(eager.model.state_dict())  # names unchanged
 
 
@@ -85,11 +99,22 @@ def test_frozen_tower_runs_without_autograd(fresh_lmm):
     assert seen == [False, True]
 
 
-def _fit_module(tiny_models, pattern, max_steps, precision="32-true", ckpt_path=None, checkpoints=None,
-                data=None, **kw):
+def _fit_module(
+    tiny_models,
+    pattern,
+    max_steps,
+    precision="32-true",
+    ckpt_path=None,
+    checkpoints=None,
+    data=None,
+    **kw,
+):
     torch.manual_seed(0)
-    module = LMMModule(vision=VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=-1),
-                       llm=LanguageConfig(name_or_path=str(tiny_models["llm"])), **kw)
+    module = LMMModule(
+        vision=VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=-1),
+        llm=LanguageConfig(name_or_path=str(tiny_models["llm"])),
+        **kw,
+    )
     dm = make_dm(pattern, module.processor, **(data or {}))
     losses = []
 
@@ -97,10 +122,19 @@ def _fit_module(tiny_models, pattern, max_steps, precision="32-true", ckpt_path=
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, precision=precision, logger=False,
-                        callbacks=[Losses()] + ([checkpoints] if checkpoints else []),
-                        enable_checkpointing=checkpoints is not None, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        precision=precision,
+        logger=False,
+        callbacks=[Losses()] + ([checkpoints] if checkpoints else []),
+        enable_checkpointing=checkpoints is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module, losses
 
@@ -127,16 +161,25 @@ def test_packed_training_equals_padded_training(tiny_models, shards):
         torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_stage1_checkpoints_hold_only_trainable_weights_and_resume_exactly(tiny_models, shards, tmp_path):
+def test_stage1_checkpoints_hold_only_trainable_weights_and_resume_exactly(
+    tiny_models, shards, tmp_path
+):
     stage1 = dict(freeze=FreezeConfig(vision="frozen", llm="frozen"))
-    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    ckpts = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1
+    )
     straight, _ = _fit_module(tiny_models, shards, 6, checkpoints=ckpts, **stage1)
     path = tmp_path / "ckpt" / "step=3.ckpt"
     saved = torch.load(path, weights_only=True)
     assert saved["lmm_trainable_only"] and set(saved["state_dict"]) == {
-        f"model.{n}" for n, p in straight.model.named_parameters() if p.requires_grad}
+        f"model.{n}" for n, p in straight.model.named_parameters() if p.requires_grad
+    }
     assert all(k.startswith("model.connector.") for k in saved["state_dict"])
-    assert saved["optimizer_states"] and saved["lr_schedulers"] and saved["LMMDataModule"]["batches"] == 3
+    assert (
+        saved["optimizer_states"]
+        and saved["lr_schedulers"]
+        and saved["LMMDataModule"]["batches"] == 3
+    )
 
     resumed, _ = _fit_module(tiny_models, shards, 6, ckpt_path=path, **stage1)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
@@ -145,8 +188,16 @@ def test_stage1_checkpoints_hold_only_trainable_weights_and_resume_exactly(tiny_
     # A full checkpoint is larger; resuming a trainable-only one under another policy is refused.
     full = ModelCheckpoint(dirpath=tmp_path / "full", filename="{step}", every_n_train_steps=3)
     _fit_module(tiny_models, shards, 3, checkpoints=full, checkpoint_trainable_only=False, **stage1)
-    assert not torch.load(tmp_path / "full" / "step=3.ckpt", weights_only=True).get("lmm_trainable_only")
+    assert not torch.load(tmp_path / "full" / "step=3.ckpt", weights_only=True).get(
+        "lmm_trainable_only"
+    )
     assert (tmp_path / "full" / "step=3.ckpt").stat().st_size > 3 * path.stat().st_size
     with pytest.raises(ValueError, match="lacks .* weight"):
-        _fit_module(tiny_models, shards, 6, ckpt_path=path, freeze=FreezeConfig(vision="frozen"),
-                    checkpoint_trainable_only=True)
+        _fit_module(
+            tiny_models,
+            shards,
+            6,
+            ckpt_path=path,
+            freeze=FreezeConfig(vision="frozen"),
+            checkpoint_trainable_only=True,
+        )

@@ -4,18 +4,24 @@ Expected token positions are computed here independently of the encoder: the tex
 assembled by hand from its pieces, and the index of a character position is the number of
 tokens the tokenizer gives for the text before it.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    TOKENS_PER_IMAGE,
+    VICUNA_SYSTEM,
+    json_bytes,
+    make_processor,
+    png_bytes,
+)
 from PIL import Image
 
-from conftest import TOKENS_PER_IMAGE, VICUNA_SYSTEM, json_bytes, make_processor, png_bytes
 from lmm.data.encode import IGNORE_INDEX, SampleEncoder
-from lmm.data.errors import SampleError, TemplateMismatchError, UnsafeShardError
 from lmm.data.templates import Template, get_template
+from lmm.errors import SampleError, TemplateMismatchError, UnsafeShardError
 
 EOS = "</s>"
 
@@ -56,15 +62,21 @@ def expected_encoding(tok, pieces: list[tuple[str, bool]], image_id: int, n_imag
         pos += len(piece)
     # Expand every <image> id to n_image ids (labels stay ignored), shifting later ranges.
     out_ids, out_labels, shift_at = [], [], []
-    for i, (t, l) in enumerate(zip(ids, labels)):
+    for i, (t, lab) in enumerate(zip(ids, labels)):
         if t == image_id:
             out_ids += [t] * n_image
             out_labels += [IGNORE_INDEX] * n_image
             shift_at.append(i)
         else:
             out_ids.append(t)
-            out_labels.append(l)
-    shifted = [(a + (n_image - 1) * sum(i < a for i in shift_at), b + (n_image - 1) * sum(i < b for i in shift_at)) for a, b in ranges]
+            out_labels.append(lab)
+    shifted = [
+        (
+            a + (n_image - 1) * sum(i < a for i in shift_at),
+            b + (n_image - 1) * sum(i < b for i in shift_at),
+        )
+        for a, b in ranges
+    ]
     return out_ids, out_labels, shifted
 
 
@@ -84,7 +96,10 @@ def proc4(tokenizer, image_spec):
 
 def test_vicuna_labels_cover_exactly_the_answers(proc, tokenizer):
     enc = SampleEncoder(proc, get_template("vicuna"), max_length=512)
-    meta = {"id": "s1", "conversations": conv(("What color is the circle?", "red"), ("Is there a square?", "No"))}
+    meta = {
+        "id": "s1",
+        "conversations": conv(("What color is the circle?", "red"), ("Is there a square?", "No")),
+    }
     out = enc.encode_train(meta, [red_image()])
     pieces = [
         (VICUNA_SYSTEM + " USER: <image>\nWhat color is the circle? ASSISTANT:", False),
@@ -92,7 +107,9 @@ def test_vicuna_labels_cover_exactly_the_answers(proc, tokenizer):
         ("USER: Is there a square? ASSISTANT:", False),
         (" No</s>", True),
     ]
-    ids, labels, ranges = expected_encoding(tokenizer, pieces, proc.image_token_id, TOKENS_PER_IMAGE)
+    ids, labels, ranges = expected_encoding(
+        tokenizer, pieces, proc.image_token_id, TOKENS_PER_IMAGE
+    )
     assert out["id"] == "s1"
     assert out["input_ids"].dtype == torch.int64 and out["labels"].dtype == torch.int64
     assert out["input_ids"].tolist() == ids
@@ -114,8 +131,12 @@ def test_plain_labels_cover_caption_and_eos(proc, tokenizer):
     caption = "a red circle in the center."
     meta = {"id": "p1", "conversations": conv(("Describe the image briefly.", caption))}
     out = enc.encode_train(meta, [red_image()])
-    ids, labels, ranges = expected_encoding(tokenizer, [("<image>", False), (caption + EOS, True)],
-                                            proc.image_token_id, TOKENS_PER_IMAGE)
+    ids, labels, ranges = expected_encoding(
+        tokenizer,
+        [("<image>", False), (caption + EOS, True)],
+        proc.image_token_id,
+        TOKENS_PER_IMAGE,
+    )
     assert out["input_ids"].tolist() == ids
     assert out["labels"].tolist() == labels
     N = TOKENS_PER_IMAGE
@@ -159,7 +180,9 @@ def test_image_count_mismatch(proc):
         assert "'m1'" in str(info.value)
     # A text-only sample with an image attached is a mismatch too.
     with pytest.raises(SampleError) as info:
-        enc.encode_train({"id": "m2", "conversations": conv(("q", "a"), first_image=False)}, [red_image()])
+        enc.encode_train(
+            {"id": "m2", "conversations": conv(("q", "a"), first_image=False)}, [red_image()]
+        )
     assert info.value.reason == "image_count"
     # ... while a text-only sample without images is fine and has no pixels.
     out = enc.encode_train({"id": "m3", "conversations": conv(("q", "a"), first_image=False)}, [])
@@ -189,10 +212,14 @@ def _first_image_pos(ids: torch.Tensor, image_id: int) -> int:
 @pytest.mark.parametrize("into_span", [1, 2, 3])
 def test_cut_inside_image_moves_to_span_start_and_drops_image(proc4, into_span):
     N = proc4.num_image_tokens
-    full = SampleEncoder(proc4, get_template("vicuna"), max_length=10_000).encode_train(_second_turn_image(), [red_image()])
+    full = SampleEncoder(proc4, get_template("vicuna"), max_length=10_000).encode_train(
+        _second_turn_image(), [red_image()]
+    )
     p = _first_image_pos(full["input_ids"], proc4.image_token_id)
     assert full["input_ids"][p : p + N].eq(proc4.image_token_id).all()
-    out = SampleEncoder(proc4, get_template("vicuna"), max_length=p + into_span).encode_train(_second_turn_image(), [red_image()])
+    out = SampleEncoder(proc4, get_template("vicuna"), max_length=p + into_span).encode_train(
+        _second_turn_image(), [red_image()]
+    )
     assert out["input_ids"].tolist() == full["input_ids"][:p].tolist()
     assert out["labels"].tolist() == full["labels"][:p].tolist()
     assert out["pixel_values"].shape == (0, 3, proc4.image_spec.size, proc4.image_spec.size)
@@ -203,10 +230,14 @@ def test_cut_inside_image_moves_to_span_start_and_drops_image(proc4, into_span):
 
 def test_cut_at_span_end_keeps_image(proc4):
     N = proc4.num_image_tokens
-    full = SampleEncoder(proc4, get_template("vicuna"), max_length=10_000).encode_train(_second_turn_image(), [red_image()])
+    full = SampleEncoder(proc4, get_template("vicuna"), max_length=10_000).encode_train(
+        _second_turn_image(), [red_image()]
+    )
     p = _first_image_pos(full["input_ids"], proc4.image_token_id)
     for max_length in (p, p + N, p + N + 2):
-        out = SampleEncoder(proc4, get_template("vicuna"), max_length=max_length).encode_train(_second_turn_image(), [red_image()])
+        out = SampleEncoder(proc4, get_template("vicuna"), max_length=max_length).encode_train(
+            _second_turn_image(), [red_image()]
+        )
         assert out["input_ids"].tolist() == full["input_ids"][:max_length].tolist()
         assert out["labels"].tolist() == full["labels"][:max_length].tolist()
         assert out["pixel_values"].shape[0] == (0 if max_length == p else 1)
@@ -216,9 +247,13 @@ def test_cut_in_text_after_image_keeps_whole_span(proc4, tokenizer):
     N = proc4.num_image_tokens
     caption = "a red circle in the center and a blue square at the top left."
     meta = {"id": "c1", "conversations": conv(("Describe the image briefly.", caption))}
-    full = SampleEncoder(proc4, get_template("plain"), max_length=10_000).encode_train(meta, [red_image()])
+    full = SampleEncoder(proc4, get_template("plain"), max_length=10_000).encode_train(
+        meta, [red_image()]
+    )
     assert len(full["input_ids"]) > 1 + N + 3
-    out = SampleEncoder(proc4, get_template("plain"), max_length=1 + N + 3).encode_train(meta, [red_image()])
+    out = SampleEncoder(proc4, get_template("plain"), max_length=1 + N + 3).encode_train(
+        meta, [red_image()]
+    )
     assert len(out["input_ids"]) == 1 + N + 3
     assert out["input_ids"].tolist() == full["input_ids"][: 1 + N + 3].tolist()
     assert out["input_ids"][1 : 1 + N].eq(proc4.image_token_id).all()
@@ -242,12 +277,21 @@ def test_cut_between_adjacent_images_keeps_the_first(proc4):
     N = proc4.num_image_tokens
     meta = _second_turn_image(q2="<image><image>\nSame?", answer2="No")
     images = [red_image(), red_image()]
-    full = SampleEncoder(proc4, get_template("vicuna"), max_length=10_000).encode_train(meta, images)
+    full = SampleEncoder(proc4, get_template("vicuna"), max_length=10_000).encode_train(
+        meta, images
+    )
     p = _first_image_pos(full["input_ids"], proc4.image_token_id)
     assert full["input_ids"][p : p + 2 * N].eq(proc4.image_token_id).all()
     assert full["pixel_values"].shape[0] == 2
-    for max_length, kept_len, kept_images in ((p + N, p + N, 1), (p + N + 2, p + N, 1), (p + 2, p, 0), (p + 2 * N, p + 2 * N, 2)):
-        out = SampleEncoder(proc4, get_template("vicuna"), max_length=max_length).encode_train(meta, images)
+    for max_length, kept_len, kept_images in (
+        (p + N, p + N, 1),
+        (p + N + 2, p + N, 1),
+        (p + 2, p, 0),
+        (p + 2 * N, p + 2 * N, 2),
+    ):
+        out = SampleEncoder(proc4, get_template("vicuna"), max_length=max_length).encode_train(
+            meta, images
+        )
         assert len(out["input_ids"]) == kept_len, max_length
         assert out["input_ids"].tolist() == full["input_ids"][:kept_len].tolist()
         assert out["pixel_values"].shape[0] == kept_images
@@ -261,7 +305,9 @@ def test_token_straddling_answer_boundary_raises_with_sample_id(proc):
     # The opener ends in the middle of a word: "ASSISTANT: cir" + "cle" tokenizes as one
     # token " circle", half prompt and half answer; no labelling can be right.
     assert proc.tokenizer.tokenize(": circle") == [":", "Ġcircle"]
-    bad = Template(name="split", user_format="USER: {text} ", assistant_open="ASSISTANT: cir", answer_prefix="")
+    bad = Template(
+        name="split", user_format="USER: {text} ", assistant_open="ASSISTANT: cir", answer_prefix=""
+    )
     enc = SampleEncoder(proc, bad, max_length=512)
     meta = {"id": "sample-42", "conversations": conv(("Which shape?", "cle"), first_image=False)}
     with pytest.raises(TemplateMismatchError) as info:
@@ -272,7 +318,9 @@ def test_token_straddling_answer_boundary_raises_with_sample_id(proc):
 
 def test_matching_boundaries_do_not_raise(proc, tokenizer):
     # Same words but the boundary at a space: " circle" is entirely the answer.
-    ok = Template(name="ok", user_format="USER: {text} ", assistant_open="ASSISTANT:", answer_prefix="")
+    ok = Template(
+        name="ok", user_format="USER: {text} ", assistant_open="ASSISTANT:", answer_prefix=""
+    )
     out = SampleEncoder(proc, ok, max_length=512).encode_train(
         {"id": "fine", "conversations": conv(("Which shape?", " circle"), first_image=False)}, []
     )
@@ -283,7 +331,12 @@ def test_matching_boundaries_do_not_raise(proc, tokenizer):
 
 
 def _raw(meta, **members):
-    return {"__key__": meta.get("id", "k"), "__url__": "shard-x.tar", "json": json_bytes(meta), **members}
+    return {
+        "__key__": meta.get("id", "k"),
+        "__url__": "shard-x.tar",
+        "json": json_bytes(meta),
+        **members,
+    }
 
 
 def test_pickled_member_is_refused(proc):
@@ -320,7 +373,10 @@ def test_malformed_and_no_assistant_reasons(proc):
         ({"__key__": "k2", "json": b"{not json", "png": png_bytes()}, "malformed"),
         ({"__key__": "k3", "json": b"[1, 2]", "png": png_bytes()}, "malformed"),
         (_raw({"id": "k4", "conversations": "hello"}, png=png_bytes()), "malformed"),
-        (_raw({"id": "k5", "conversations": [{"from": "gpt", "value": "a"}]}, png=png_bytes()), "malformed"),
+        (
+            _raw({"id": "k5", "conversations": [{"from": "gpt", "value": "a"}]}, png=png_bytes()),
+            "malformed",
+        ),
         (_raw({"id": "k6", "conversations": conv(("q", None))}, png=png_bytes()), "no_assistant"),
     ]
     for raw, reason in cases:
@@ -334,7 +390,14 @@ def test_sample_id_defaults_to_key_and_images_sorted_by_member_name(proc):
     enc = SampleEncoder(proc, get_template("plain"), max_length=512)
     raw = {
         "__key__": "two",
-        "json": json_bytes({"conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]}),
+        "json": json_bytes(
+            {
+                "conversations": [
+                    {"from": "human", "value": "<image><image>"},
+                    {"from": "gpt", "value": "x"},
+                ]
+            }
+        ),
         "1.png": png_bytes((0, 0, 255)),
         "0.png": png_bytes((255, 0, 0)),
     }
@@ -342,8 +405,12 @@ def test_sample_id_defaults_to_key_and_images_sorted_by_member_name(proc):
     assert out["id"] == "two"
     # 0.png (red) comes first: channel 0 is +1 (255 -> (1 - .5) / .5), blue -1.
     assert out["pixel_values"].shape[0] == 2
-    assert torch.allclose(out["pixel_values"][0, 0], torch.ones(1)) and torch.allclose(out["pixel_values"][0, 2], -torch.ones(1))
-    assert torch.allclose(out["pixel_values"][1, 2], torch.ones(1)) and torch.allclose(out["pixel_values"][1, 0], -torch.ones(1))
+    assert torch.allclose(out["pixel_values"][0, 0], torch.ones(1)) and torch.allclose(
+        out["pixel_values"][0, 2], -torch.ones(1)
+    )
+    assert torch.allclose(out["pixel_values"][1, 2], torch.ones(1)) and torch.allclose(
+        out["pixel_values"][1, 0], -torch.ones(1)
+    )
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -351,7 +418,11 @@ def test_sample_id_defaults_to_key_and_images_sorted_by_member_name(proc):
 
 def test_prompt_is_everything_before_the_last_answer(proc, tokenizer):
     enc = SampleEncoder(proc, get_template("vicuna"), max_length=512)
-    meta = {"id": "q1", "conversations": conv(("What color is the circle?", "red")), "answer": "red"}
+    meta = {
+        "id": "q1",
+        "conversations": conv(("What color is the circle?", "red")),
+        "answer": "red",
+    }
     out = enc.encode_prompt(meta, [red_image()])
     text = VICUNA_SYSTEM + " USER: <image>\nWhat color is the circle? ASSISTANT:"
     ids, _, _ = expected_encoding(tokenizer, [(text, False)], proc.image_token_id, TOKENS_PER_IMAGE)
@@ -362,10 +433,16 @@ def test_prompt_is_everything_before_the_last_answer(proc, tokenizer):
     meta2 = {"id": "q2", "conversations": conv(("What color is the circle?", None))}
     assert enc.encode_prompt(meta2, [red_image()])["input_ids"].tolist() == ids
     with pytest.raises(SampleError) as info:
-        SampleEncoder(proc, get_template("vicuna"), max_length=len(ids) - 1).encode_prompt(meta2, [red_image()])
+        SampleEncoder(proc, get_template("vicuna"), max_length=len(ids) - 1).encode_prompt(
+            meta2, [red_image()]
+        )
     assert info.value.reason == "overlong"
     # The full prompt fits exactly at max_length == its length.
-    assert len(SampleEncoder(proc, get_template("vicuna"), max_length=len(ids)).encode_prompt(meta2, [red_image()])["input_ids"]) == len(ids)
+    assert len(
+        SampleEncoder(proc, get_template("vicuna"), max_length=len(ids)).encode_prompt(
+            meta2, [red_image()]
+        )["input_ids"]
+    ) == len(ids)
 
 
 def test_blank_images_are_zero_pixels(proc):

@@ -1,4 +1,4 @@
-"""Fault-tolerant fit (``lmm.fault``): a training process killed at a random step (SIGKILL, or
+"""Fault-tolerant fit (``lmm.train.fault_tolerance``): a training process killed at a random step (SIGKILL, or
 SIGTERM as a preempting scheduler sends it) and resumed with ``--ckpt_path last`` ends with
 bit-identical weights to an uninterrupted run; checkpoints come by steps and by time, only at
 optimizer-step boundaries.
@@ -6,6 +6,7 @@ optimizer-step boundaries.
 The killed runs are real ``python -m lmm fit`` subprocesses; the uninterrupted reference and the
 resumed runs run in this process (the same code path, without paying the import time again).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,15 +21,19 @@ import pytest
 import torch
 import yaml
 
-from lmm.cli import LMMCLI
-from lmm.fault import SIGTERM_EXIT_STATUS
+from lmm.train.cli import LMMCLI
+from lmm.train.fault_tolerance import SIGTERM_EXIT_STATUS
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_STEPS = 20  # 64 pretrain samples / batch 4 = 16 steps per epoch: the runs cross an epoch boundary
+MAX_STEPS = (
+    20  # 64 pretrain samples / batch 4 = 16 steps per epoch: the runs cross an epoch boundary
+)
 EVERY = 3  # checkpoint interval (steps) of the killed runs
 
 
-def write_config(path: Path, tiny_models, world: Path, *, callbacks=(), num_workers: int = 0, **trainer) -> Path:
+def write_config(
+    path: Path, tiny_models, world: Path, *, callbacks=(), num_workers: int = 0, **trainer
+) -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -51,12 +56,17 @@ def write_config(path: Path, tiny_models, world: Path, *, callbacks=(), num_work
 
 
 def checkpointing(dirpath: Path, **kw) -> dict:
-    return {"class_path": "lmm.fault.FaultTolerantCheckpoint",
-            "init_args": {"dirpath": str(dirpath), "every_n_steps": EVERY, "every_n_minutes": 0, **kw}}
+    return {
+        "class_path": "lmm.train.fault_tolerance.FaultTolerantCheckpoint",
+        "init_args": {"dirpath": str(dirpath), "every_n_steps": EVERY, "every_n_minutes": 0, **kw},
+    }
 
 
 def marker(path: Path, delay_s: float) -> dict:
-    return {"class_path": "step_marker.StepMarker", "init_args": {"path": str(path), "delay_s": delay_s}}
+    return {
+        "class_path": "step_marker.StepMarker",
+        "init_args": {"path": str(path), "delay_s": delay_s},
+    }
 
 
 def fit(config: Path, *args: str) -> LMMCLI:
@@ -76,26 +86,44 @@ def assert_same_weights(a: dict, b: dict, what: str) -> None:
 @pytest.fixture(scope="module")
 def reference(tiny_models, tiny_world, tmp_path_factory) -> dict[str, torch.Tensor]:
     """Final weights of an uninterrupted run without any checkpointing."""
-    config = write_config(tmp_path_factory.mktemp("reference") / "fit.yaml", tiny_models, tiny_world[0])
+    config = write_config(
+        tmp_path_factory.mktemp("reference") / "fit.yaml", tiny_models, tiny_world[0]
+    )
     cli = fit(config)
     assert cli.trainer.global_step == MAX_STEPS
     return weights(cli)
 
 
 def start_fit(config: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+    }
     with open(log, "wb") as out:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "lmm", "fit", "--config", str(config)], cwd=config.parent,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "lmm", "fit", "--config", str(config)],
+            cwd=config.parent,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
-def wait_for_step(proc: subprocess.Popen, marker_file: Path, step: int, log: Path, timeout: float = 180) -> None:
+def wait_for_step(
+    proc: subprocess.Popen, marker_file: Path, step: int, log: Path, timeout: float = 180
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"training exited ({proc.returncode}) before step {step}:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"training exited ({proc.returncode}) before step {step}:\n{log.read_text()[-3000:]}"
+            )
         if marker_file.exists() and int(marker_file.read_text() or 0) >= step:
             return
         time.sleep(0.01)
@@ -108,8 +136,9 @@ def checkpoint_step(path: Path) -> int:
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
-def test_killed_at_a_random_step_and_resumed_gives_the_uninterrupted_weights(sig, tiny_models, tiny_world, tmp_path,
-                                                                             reference):
+def test_killed_at_a_random_step_and_resumed_gives_the_uninterrupted_weights(
+    sig, tiny_models, tiny_world, tmp_path, reference
+):
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     kill_at = rng.randint(EVERY + 1, MAX_STEPS - 3)
@@ -118,8 +147,13 @@ def test_killed_at_a_random_step_and_resumed_gives_the_uninterrupted_weights(sig
     weights_file = tmp_path / "final.safetensors"
     # SIGTERM goes to the whole process group, data worker included, as a scheduler sends it.
     workers = 1 if sig == "SIGTERM" else 0
-    config = write_config(tmp_path / "fit.yaml", tiny_models, tiny_world[0], num_workers=workers,
-                          callbacks=[checkpointing(ckpt), marker(steps, delay_s=0.05)])
+    config = write_config(
+        tmp_path / "fit.yaml",
+        tiny_models,
+        tiny_world[0],
+        num_workers=workers,
+        callbacks=[checkpointing(ckpt), marker(steps, delay_s=0.05)],
+    )
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["save_weights"] = str(weights_file)
     config.write_text(yaml.safe_dump(cfg))
@@ -137,29 +171,63 @@ def test_killed_at_a_random_step_and_resumed_gives_the_uninterrupted_weights(sig
     else:
         # The step in progress is finished and saved; the run stops without its final weights.
         assert code == SIGTERM_EXIT_STATUS, (what, out[-3000:])
-        assert kill_at <= saved < MAX_STEPS and f"SIGTERM: saved step {saved} to {ckpt / 'last.ckpt'}" in out, what
+        assert (
+            kill_at <= saved < MAX_STEPS
+            and f"SIGTERM: saved step {saved} to {ckpt / 'last.ckpt'}" in out
+        ), what
         assert "stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
     assert not weights_file.exists(), what
 
-    resumed = fit(write_config(tmp_path / "resume.yaml", tiny_models, tiny_world[0], callbacks=[checkpointing(ckpt)]),
-                  "--ckpt_path", "last")
+    resumed = fit(
+        write_config(
+            tmp_path / "resume.yaml", tiny_models, tiny_world[0], callbacks=[checkpointing(ckpt)]
+        ),
+        "--ckpt_path",
+        "last",
+    )
     assert resumed.trainer.ckpt_path == str(ckpt / "last.ckpt")
     assert resumed.trainer.global_step == MAX_STEPS
     assert_same_weights(weights(resumed), reference, what)
-    assert checkpoint_step(ckpt / "last.ckpt") == MAX_STEPS  # the final state, for a longer run to continue
+    assert (
+        checkpoint_step(ckpt / "last.ckpt") == MAX_STEPS
+    )  # the final state, for a longer run to continue
 
 
-def test_checkpoints_by_steps_and_by_time_land_on_step_boundaries(tiny_models, tiny_world, tmp_path):
+def test_checkpoints_by_steps_and_by_time_land_on_step_boundaries(
+    tiny_models, tiny_world, tmp_path
+):
     world = tiny_world[0]
     by_steps = tmp_path / "by_steps"
-    fit(write_config(tmp_path / "steps.yaml", tiny_models, world, max_steps=7,
-                     callbacks=[checkpointing(by_steps, every_n_steps=3, keep_all=True)]))
-    assert sorted(p.name for p in by_steps.iterdir()) == ["last.ckpt", "step=3.ckpt", "step=6.ckpt", "step=7.ckpt"]
+    fit(
+        write_config(
+            tmp_path / "steps.yaml",
+            tiny_models,
+            world,
+            max_steps=7,
+            callbacks=[checkpointing(by_steps, every_n_steps=3, keep_all=True)],
+        )
+    )
+    assert sorted(p.name for p in by_steps.iterdir()) == [
+        "last.ckpt",
+        "step=3.ckpt",
+        "step=6.ckpt",
+        "step=7.ckpt",
+    ]
 
     # By time (here: at every chance), with 2 micro-batches per step: never between them.
     by_time = tmp_path / "by_time"
-    fit(write_config(tmp_path / "time.yaml", tiny_models, world, max_steps=3, accumulate_grad_batches=2,
-                     callbacks=[checkpointing(by_time, every_n_steps=0, every_n_minutes=1e-9, keep_all=True)]))
+    fit(
+        write_config(
+            tmp_path / "time.yaml",
+            tiny_models,
+            world,
+            max_steps=3,
+            accumulate_grad_batches=2,
+            callbacks=[
+                checkpointing(by_time, every_n_steps=0, every_n_minutes=1e-9, keep_all=True)
+            ],
+        )
+    )
     names = sorted(p.name for p in by_time.iterdir())
     assert names == ["last.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]
     for step in (1, 2, 3):
@@ -168,16 +236,36 @@ def test_checkpoints_by_steps_and_by_time_land_on_step_boundaries(tiny_models, t
 
     # Neither: only the final state.
     final = tmp_path / "final"
-    fit(write_config(tmp_path / "final.yaml", tiny_models, world, max_steps=2,
-                     callbacks=[checkpointing(final, every_n_steps=0, every_n_minutes=0)]))
-    assert [p.name for p in final.iterdir()] == ["last.ckpt"] and checkpoint_step(final / "last.ckpt") == 2
+    fit(
+        write_config(
+            tmp_path / "final.yaml",
+            tiny_models,
+            world,
+            max_steps=2,
+            callbacks=[checkpointing(final, every_n_steps=0, every_n_minutes=0)],
+        )
+    )
+    assert [p.name for p in final.iterdir()] == ["last.ckpt"] and checkpoint_step(
+        final / "last.ckpt"
+    ) == 2
 
 
 def test_fault_tolerant_config_snippet_parses(tiny_models, tiny_world, tmp_path):
     """configs/trainer/fault_tolerant.yaml stacks on a stage config; its directory can be set per run."""
     config = write_config(tmp_path / "fit.yaml", tiny_models, tiny_world[0])
-    cli = LMMCLI(args=["--config", str(config), "--config", str(REPO / "configs/trainer/fault_tolerant.yaml"),
-                       "--trainer.callbacks.dirpath", str(tmp_path / "run1"), "--trainer.logger", "false"], run=False)
+    cli = LMMCLI(
+        args=[
+            "--config",
+            str(config),
+            "--config",
+            str(REPO / "configs/trainer/fault_tolerant.yaml"),
+            "--trainer.callbacks.dirpath",
+            str(tmp_path / "run1"),
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     (cb,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "FaultTolerantCheckpoint"]
     assert cb.dirpath == str(tmp_path / "run1") and cb.every_n_steps > 0 and cb.every_n_minutes > 0
     assert cli.trainer.checkpoint_callback is cb

@@ -1,10 +1,11 @@
 """Freeze policies: which parameters train, which receive gradients, and the parameter table."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_SPEC, TOKENS_PER_IMAGE, image_text_batch
+
 from lmm.model.freeze import FreezeConfig, apply_policy, parameter_table
 
 N = TOKENS_PER_IMAGE
@@ -34,12 +35,18 @@ def _siglip_layer_params(d: int) -> int:
 
 def test_partial_vision_full_connector_frozen_llm(fresh_lmm):
     m = fresh_lmm
-    table = m.apply_freeze(FreezeConfig(vision="partial", vision_from_layer=1, connector="full", llm="frozen"))
+    table = m.apply_freeze(
+        FreezeConfig(vision="partial", vision_from_layer=1, connector="full", llm="frozen")
+    )
     _backward(m)
     names = dict(m.named_parameters())
     trains = {n for n, p in names.items() if p.requires_grad}
     got_grad = {n for n, p in names.items() if _has_grad(p)}
-    expected = {n for n in names if n.startswith("vision.model.encoder.layers.1.") or n.startswith("connector.")}
+    expected = {
+        n
+        for n in names
+        if n.startswith("vision.model.encoder.layers.1.") or n.startswith("connector.")
+    }
     assert trains == expected
     assert got_grad == expected  # every trainable parameter gets a gradient, nothing else does
     assert all(names[n].grad is None for n in names if n not in expected)
@@ -49,12 +56,20 @@ def test_partial_vision_full_connector_frozen_llm(fresh_lmm):
     assert any(n.startswith("llm.") for n in names)
 
     # The table: counts of trainable/frozen parameters, checked against a hand count.
-    d, patch, grid = TINY_SPEC.vision_width, TINY_SPEC.patch_size, TINY_SPEC.image_size // TINY_SPEC.patch_size
+    d, patch, grid = (
+        TINY_SPEC.vision_width,
+        TINY_SPEC.patch_size,
+        TINY_SPEC.image_size // TINY_SPEC.patch_size,
+    )
     layer = _siglip_layer_params(d)
     embeddings = (3 * patch * patch * d + d) + grid * grid * d
     assert layer == sum(p.numel() for p in m.vision.blocks()[1].parameters())
     text, counts = parameter_table(m.components())
-    assert counts["vision"] == {"trainable": layer, "frozen": embeddings + layer, "total": embeddings + 2 * layer}
+    assert counts["vision"] == {
+        "trainable": layer,
+        "frozen": embeddings + layer,
+        "total": embeddings + 2 * layer,
+    }
     dl = TINY_SPEC.llm_width
     connector = (d * dl + dl) + (dl * dl + dl)  # mlp2x_gelu: Linear(Dv, Dl), GELU, Linear(Dl, Dl)
     assert counts["connector"] == {"trainable": connector, "frozen": 0, "total": connector}
@@ -67,15 +82,21 @@ def test_partial_vision_full_connector_frozen_llm(fresh_lmm):
 
 def test_partial_llm_trains_later_blocks_norm_and_head(fresh_lmm):
     m = fresh_lmm
-    m.apply_freeze(FreezeConfig(vision="frozen", connector="frozen", llm="partial", llm_from_layer=1))
+    m.apply_freeze(
+        FreezeConfig(vision="frozen", connector="frozen", llm="partial", llm_from_layer=1)
+    )
     _backward(m)
     names = dict(m.named_parameters())
     expected = {
         n
         for n in names
-        if n.startswith("llm.model.layers.1.") or n.startswith("llm.model.norm.") or n.startswith("llm.lm_head.")
+        if n.startswith("llm.model.layers.1.")
+        or n.startswith("llm.model.norm.")
+        or n.startswith("llm.lm_head.")
     }
-    assert any(n.startswith("llm.lm_head.") for n in expected) and any(n.startswith("llm.model.norm.") for n in expected)
+    assert any(n.startswith("llm.lm_head.") for n in expected) and any(
+        n.startswith("llm.model.norm.") for n in expected
+    )
     assert {n for n, p in names.items() if p.requires_grad} == expected
     assert {n for n, p in names.items() if _has_grad(p)} == expected
 
@@ -121,7 +142,9 @@ def test_unknown_policy_and_partial_without_blocks(fresh_lmm):
         fresh_lmm.apply_freeze(FreezeConfig(vision="parital"))
     assert "model.freeze.vision" in str(info.value) and "'parital'" in str(info.value)
     assert "allowed: full, frozen, partial, lora" in str(info.value)
-    with pytest.raises(ValueError, match="model.freeze.connector: 'partial' needs a component with blocks"):
+    with pytest.raises(
+        ValueError, match="model.freeze.connector: 'partial' needs a component with blocks"
+    ):
         fresh_lmm.apply_freeze(FreezeConfig(connector="partial"))
     with pytest.raises(ValueError, match="unknown policy"):
         apply_policy(fresh_lmm.connector, "", None, 0, "x")
@@ -143,6 +166,11 @@ def test_describe_names_only_the_options_in_use():
     from lmm.model.lora import LoRAConfig
 
     assert FreezeConfig().describe() == "vision full, connector full, llm full"
-    cfg = FreezeConfig(vision="partial", vision_from_layer=12, connector="frozen", llm="lora",
-                       llm_lora=LoRAConfig(rank=64, alpha=128))
+    cfg = FreezeConfig(
+        vision="partial",
+        vision_from_layer=12,
+        connector="frozen",
+        llm="lora",
+        llm_lora=LoRAConfig(rank=64, alpha=128),
+    )
     assert cfg.describe() == "vision partial from 12, connector frozen, llm lora r64 alpha 128"

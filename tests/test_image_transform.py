@@ -2,6 +2,7 @@
 
 Expected values are computed by hand from the documented rules (see ``lmm.data.image``).
 """
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,8 @@ import torch
 from PIL import Image
 
 from lmm.data.image import ImageTransform, decode_image, fit_square, to_rgb
-from lmm.model.image_spec import ImageSpec
-from lmm.registry import ConfigError
+from lmm.errors import ConfigError
+from lmm.visual.image_spec import ImageSpec
 
 RED = (200, 30, 30)
 BLUE = (20, 40, 220)
@@ -62,7 +63,9 @@ def test_palette_with_and_without_transparency():
         pal.putpixel((x, 0), index)
     assert _px(to_rgb(pal)).tolist() == [[[10, 20, 30], [200, 100, 50], [0, 255, 0]]]
     pal.info["transparency"] = 1  # palette entry 1 is fully transparent (a GIF/PNG tRNS)
-    assert _px(to_rgb(pal, background=(7, 8, 9))).tolist() == [[[10, 20, 30], [7, 8, 9], [0, 255, 0]]]
+    assert _px(to_rgb(pal, background=(7, 8, 9))).tolist() == [
+        [[10, 20, 30], [7, 8, 9], [0, 255, 0]]
+    ]
 
 
 def test_rgba_is_alpha_composited_over_the_background():
@@ -70,7 +73,11 @@ def test_rgba_is_alpha_composited_over_the_background():
     bg = (10, 250, 128)
     out = _px(to_rgb(Image.fromarray(arr, "RGBA"), background=bg))
     a = 128 / 255
-    half = [_round(200 * a + 10 * (1 - a)), _round(100 * a + 250 * (1 - a)), _round(0 * a + 128 * (1 - a))]
+    half = [
+        _round(200 * a + 10 * (1 - a)),
+        _round(100 * a + 250 * (1 - a)),
+        _round(0 * a + 128 * (1 - a)),
+    ]
     assert half == [105, 175, 64]  # 100.39 + 4.98, 50.20 + 124.51, 0 + 63.75
     assert out.tolist() == [[[200, 100, 0], [10, 250, 128], half]]
     # Default background: white.
@@ -81,7 +88,9 @@ def test_la_and_premultiplied_rgba():
     la = Image.fromarray(np.array([[[100, 51], [100, 255]]], dtype=np.uint8), "LA")
     # 100 * 51/255 + 255 * 204/255 = 20 + 204
     assert _px(to_rgb(la)).tolist() == [[[224, 224, 224], [100, 100, 100]]]
-    premult = Image.fromarray(np.array([[[100, 50, 0, 255]]], dtype=np.uint8), "RGBA").convert("RGBa")
+    premult = Image.fromarray(np.array([[[100, 50, 0, 255]]], dtype=np.uint8), "RGBA").convert(
+        "RGBa"
+    )
     assert _px(to_rgb(premult, background=(0, 0, 0))).tolist() == [[[100, 50, 0]]]
 
 
@@ -160,7 +169,11 @@ def test_resize_squashes_without_padding():
     assert not (out == FILL).all(axis=-1).any()  # no padding anywhere
     assert (out == out[:1]).all()  # every row the same: the 4 rows were stretched to 16
     # The split stays at half the width (bicubic rings for a few columns around it).
-    assert (out[:, :5] == RED).all() and (out[:, 11:] == BLUE).all() and not (out[:, 5:11] == RED).all()
+    assert (
+        (out[:, :5] == RED).all()
+        and (out[:, 11:] == BLUE).all()
+        and not (out[:, 5:11] == RED).all()
+    )
 
 
 def test_pad_centres_the_image_on_a_mean_colour_square():
@@ -233,7 +246,9 @@ def test_fill_is_the_rounded_mean_colour():
 def test_unknown_preprocess_names_the_option_and_the_choices():
     with pytest.raises(ConfigError) as info:
         ImageSpec(size=8, mean=(0.5,) * 3, std=(0.5,) * 3, preprocess="crop")
-    assert "model.vision.image_preprocess" in str(info.value) and "resize, pad, letterbox" in str(info.value)
+    assert "model.vision.image_preprocess" in str(info.value) and "resize, pad, letterbox" in str(
+        info.value
+    )
     with pytest.raises(ConfigError, match="resize, pad, letterbox"):
         fit_square(Image.new("RGB", (4, 2)), 4, "squash", FILL)
     with pytest.raises(ConfigError, match="letterbox"):

@@ -1,21 +1,22 @@
 """LMM: feature merge, loss, vision features, generation and weight files."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from conftest import TINY_SPEC, TOKENS_PER_IMAGE
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import TINY_SPEC, TOKENS_PER_IMAGE
-from lmm.checkpoint import load_weights, save_weights
+from lmm.checkpoints.weights import load_weights, save_weights
+from lmm.constants import IGNORE_INDEX
 from lmm.data.collate import collate
+from lmm.errors import ImageTokenMismatchError
 from lmm.model.freeze import FreezeConfig
-from lmm.model.lmm import ImageTokenMismatchError
-from lmm.model.loss import IGNORE_INDEX
-from lmm.model.vision import VisionConfig, build_vision_tower
+from lmm.model.towers import VisionConfig, build_vision_tower
 
 N = TOKENS_PER_IMAGE
 
@@ -34,13 +35,25 @@ def _sample(model, sid, prefix, images, suffix, answer=None):
         labels += ans
     g = torch.Generator().manual_seed(sum(map(ord, sid)) * 7 + images)  # distinct pixels per sample
     pv = torch.randn(images, 3, TINY_SPEC.image_size, TINY_SPEC.image_size, generator=g)
-    return {"id": sid, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pv}
+    return {
+        "id": sid,
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "pixel_values": pv,
+    }
 
 
 @pytest.fixture(scope="module")
 def batch(lmm_model):
     a = _sample(lmm_model, "a", "USER: ", 1, "\nWhat color is the circle? ASSISTANT:", " red")
-    b = _sample(lmm_model, "bb", "USER: Compare ", 2, "\nSame? ASSISTANT:", " Yes, both show a red circle in the center.")
+    b = _sample(
+        lmm_model,
+        "bb",
+        "USER: Compare ",
+        2,
+        "\nSame? ASSISTANT:",
+        " Yes, both show a red circle in the center.",
+    )
     assert len(a["input_ids"]) != len(b["input_ids"])
     return collate([a, b], pad_id=lmm_model.tokenizer.pad_token_id)
 
@@ -61,7 +74,9 @@ def test_embed_matches_per_sample_loop(lmm_model, batch):
         for row in range(ids.shape[0]):
             t = 0
             while t < ids.shape[1]:
-                if ids[row, t] == m.image_token_id:  # a span of N ids takes the next image's features
+                if (
+                    ids[row, t] == m.image_token_id
+                ):  # a span of N ids takes the next image's features
                     ref[row, t : t + N] = features[image]
                     image += 1
                     t += N
@@ -105,9 +120,13 @@ def test_image_token_mismatch_raises(lmm_model, batch):
 def test_loss_equals_hf_loss_on_merged_embeddings(lmm_model, batch):
     m = lmm_model
     with torch.no_grad():
-        loss = m(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"])
+        loss = m(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
+        )
         embeds = m.embed(batch["input_ids"], batch["pixel_values"])
-        ref = m.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        ref = m.llm(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
         # And by hand: full logits, shifted, mean over supervised targets.
         logits = m.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
         tgt = batch["labels"][:, 1:]
@@ -124,7 +143,9 @@ def test_loss_ignores_padding_and_unsupervised_tokens(lmm_model, batch):
     changing a supervised target changes it."""
     m = lmm_model
     with torch.no_grad():
-        base = m(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"])
+        base = m(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
+        )
         labels = batch["labels"].clone()
         ids = batch["input_ids"].clone()
         pad_cols = batch["attention_mask"][0] == 0
@@ -141,15 +162,21 @@ def test_loss_ignores_padding_and_unsupervised_tokens(lmm_model, batch):
 
 
 @pytest.mark.parametrize("feature_layer, kept_layers", [(-1, 2), (-2, 1), (1, 1), (2, 2)])
-def test_vision_features_equal_hidden_state_of_untruncated_model(tiny_models, feature_layer, kept_layers):
+def test_vision_features_equal_hidden_state_of_untruncated_model(
+    tiny_models, feature_layer, kept_layers
+):
     from transformers import SiglipVisionModel
 
     path = str(tiny_models["vision"])
     reference = SiglipVisionModel.from_pretrained(path).eval()
     tower = build_vision_tower(VisionConfig(name_or_path=path, feature_layer=feature_layer)).eval()
-    pv = torch.randn(2, 3, TINY_SPEC.image_size, TINY_SPEC.image_size, generator=torch.Generator().manual_seed(1))
+    pv = torch.randn(
+        2, 3, TINY_SPEC.image_size, TINY_SPEC.image_size, generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
-        expected = reference(pixel_values=pv, output_hidden_states=True).hidden_states[feature_layer]
+        expected = reference(pixel_values=pv, output_hidden_states=True).hidden_states[
+            feature_layer
+        ]
         got = tower(pv)
     assert len(tower.blocks()) == kept_layers
     assert got.shape == (2, N, TINY_SPEC.vision_width)
@@ -161,7 +188,9 @@ def test_vision_features_equal_hidden_state_of_untruncated_model(tiny_models, fe
 @pytest.mark.parametrize("feature_layer", [0, -3, 3])
 def test_vision_feature_layer_out_of_range(tiny_models, feature_layer):
     with pytest.raises(ValueError, match="model.vision.feature_layer"):
-        build_vision_tower(VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=feature_layer))
+        build_vision_tower(
+            VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=feature_layer)
+        )
 
 
 def test_num_image_tokens_is_patch_grid(lmm_model):
@@ -181,7 +210,13 @@ def test_left_padded_batch_generation_equals_single(lmm_model):
     m = lmm_model
     prompts = [
         _sample(m, "p0", "USER: ", 1, "\nWhat color is the circle? ASSISTANT:"),
-        _sample(m, "p1", "A chat. USER: ", 1, "\nDescribe the image. How many shapes are there? ASSISTANT:"),
+        _sample(
+            m,
+            "p1",
+            "A chat. USER: ",
+            1,
+            "\nDescribe the image. How many shapes are there? ASSISTANT:",
+        ),
         _sample(m, "p2", "", 1, "Yes"),
     ]
     assert len({len(p["input_ids"]) for p in prompts}) == 3
@@ -202,7 +237,9 @@ def test_left_padded_batch_generation_equals_single(lmm_model):
             for t in single[0].tolist()[:2]:
                 nxt = int(m.llm(inputs_embeds=embeds).logits[0, -1].argmax())
                 assert nxt == t
-                embeds = torch.cat([embeds, m.llm.get_input_embeddings()(torch.tensor([[t]]))], dim=1)
+                embeds = torch.cat(
+                    [embeds, m.llm.get_input_embeddings()(torch.tensor([[t]]))], dim=1
+                )
 
 
 # -- weight files -------------------------------------------------------------------------------
@@ -226,8 +263,13 @@ def test_save_load_round_trip(lmm_model, tmp_path):
 
 def test_load_rejects_unexpected_and_misshaped_tensors(lmm_model, tmp_path):
     bad = tmp_path / "bad.safetensors"
-    save_file({"connector.layers.0.weight": lmm_model.connector.layers[0].weight.detach().clone(),
-               "bogus.weight": torch.zeros(2)}, str(bad))
+    save_file(
+        {
+            "connector.layers.0.weight": lmm_model.connector.layers[0].weight.detach().clone(),
+            "bogus.weight": torch.zeros(2),
+        },
+        str(bad),
+    )
     with pytest.raises(ValueError, match="bogus.weight"):
         load_weights(copy.deepcopy(lmm_model), bad)
     misshaped = tmp_path / "shape.safetensors"

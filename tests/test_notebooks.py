@@ -1,4 +1,5 @@
 """The quickstart notebook runs headless, end to end, and shows its plot and metrics."""
+
 from __future__ import annotations
 
 import sys
@@ -57,21 +58,30 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     )
     client.execute()  # raises CellExecutionError (with the cell's traceback) if a cell fails
 
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors, errors
 
     (loss_cell,) = _cells_tagged(nb, "loss-curve")
-    assert any("image/png" in o.get("data", {}) for o in loss_cell.outputs), "the loss curve was not drawn"
+    assert any("image/png" in o.get("data", {}) for o in loss_cell.outputs), (
+        "the loss curve was not drawn"
+    )
 
     (metrics_cell,) = _cells_tagged(nb, "metrics")
     printed = _text(metrics_cell)
     assert "pope_random" in printed and "short_answer" in printed and "accuracy" in printed, printed
 
-    assert _text(nb.cells[-1]).strip() == sys.executable, "the kernel did not run in this venv's python"
+    assert _text(nb.cells[-1]).strip() == sys.executable, (
+        "the kernel did not run in this venv's python"
+    )
 
     # Everything the notebook wrote went below the overridden WORKDIR, not into the repo.
     work = tmp_path / "work"
     assert (work / "data" / "manifest.json").is_file()
     assert list(work.glob("logs/quickstart/version_*/metrics.csv"))
     assert list(work.glob("logs/quickstart/version_*/metrics.json"))
-

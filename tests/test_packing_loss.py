@@ -1,5 +1,6 @@
 """Loss only at supervised positions, in chunks, and sequence packing: the same losses and
 gradients as the naive padded path."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_SPEC, TOKENS_PER_IMAGE
 
-from lmm.data.collate import IGNORE_INDEX, collate
+from lmm.constants import IGNORE_INDEX
+from lmm.data.collate import collate
 from lmm.data.packing import assign_rows, pack
 from lmm.model.loss import chunked_cross_entropy
-
 
 # -- chunked cross-entropy ---------------------------------------------------------------------
 
@@ -104,14 +105,22 @@ def _samples(model, n: int, seed: int) -> list[dict]:
     for k in range(n):
         n_images = 0 if k % 3 == 2 else 1
         prompt = torch.randint(10, 500, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
-        answer = torch.randint(10, 500, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)
+        answer = torch.randint(
+            10, 500, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g
+        )
         image = torch.full((TOKENS_PER_IMAGE * n_images,), model.image_token_id)
         ids = torch.cat([torch.tensor([1]), image, prompt, answer, torch.tensor([2])])
         labels = ids.clone()
         labels[: len(ids) - len(answer) - 1] = IGNORE_INDEX
         size = TINY_SPEC.image_size
-        out.append({"id": f"s{k}", "input_ids": ids, "labels": labels,
-                    "pixel_values": torch.randn(n_images, 3, size, size, generator=g)})
+        out.append(
+            {
+                "id": f"s{k}",
+                "input_ids": ids,
+                "labels": labels,
+                "pixel_values": torch.randn(n_images, 3, size, size, generator=g),
+            }
+        )
     return out
 
 
@@ -144,9 +153,16 @@ def test_packed_and_padded_per_sample_losses_agree(lmm_model):
     assert a.shape == (9,) and torch.isfinite(a).all()
     torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     with torch.no_grad():
-        mean_padded = lmm_model(padded["input_ids"], padded["attention_mask"], padded["labels"], padded["pixel_values"])
-        mean_packed = lmm_model(packed["input_ids"], packed["attention_mask"], packed["labels"],
-                                packed["pixel_values"], packed["position_ids"])
+        mean_padded = lmm_model(
+            padded["input_ids"], padded["attention_mask"], padded["labels"], padded["pixel_values"]
+        )
+        mean_packed = lmm_model(
+            packed["input_ids"],
+            packed["attention_mask"],
+            packed["labels"],
+            packed["pixel_values"],
+            packed["position_ids"],
+        )
     torch.testing.assert_close(mean_packed, mean_padded, atol=1e-5, rtol=0)
 
 
@@ -170,7 +186,7 @@ def test_packed_samples_do_not_attend_to_each_other(lmm_model):
 
 def test_pack_length_below_max_length_is_a_config_error():
     from lmm.data.datamodule import LMMDataModule
-    from lmm.registry import ConfigError
+    from lmm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data.pack_length=64 is below data.max_length=128"):
         LMMDataModule(train=["x"], max_length=128, pack_length=64)
@@ -183,7 +199,10 @@ def family_lms(tmp_path_factory) -> dict:
     from lmm.standins.llm import FAMILIES, build_llm
 
     root = tmp_path_factory.mktemp("pack_families")
-    return {name: AutoModelForCausalLM.from_pretrained(build_llm(name, root / name)).eval() for name in FAMILIES}
+    return {
+        name: AutoModelForCausalLM.from_pretrained(build_llm(name, root / name)).eval()
+        for name in FAMILIES
+    }
 
 
 @pytest.mark.parametrize("family", ["gemma", "llama", "phi", "qwen2", "stablelm"])
@@ -196,8 +215,13 @@ def test_packing_confines_attention_for_every_family(family_lms, family):
     row = torch.cat(parts).unsqueeze(0)
     positions = torch.cat([torch.arange(len(p)) for p in parts]).unsqueeze(0)
     with torch.no_grad():
-        packed = lm.get_decoder()(input_ids=row, position_ids=positions, use_cache=False).last_hidden_state[0]
-        alone = [lm.get_decoder()(input_ids=p.unsqueeze(0), use_cache=False).last_hidden_state[0] for p in parts]
+        packed = lm.get_decoder()(
+            input_ids=row, position_ids=positions, use_cache=False
+        ).last_hidden_state[0]
+        alone = [
+            lm.get_decoder()(input_ids=p.unsqueeze(0), use_cache=False).last_hidden_state[0]
+            for p in parts
+        ]
     torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-4)
 
 
@@ -211,4 +235,7 @@ def test_choose_rows_computes_the_fewest_tokens():
     # [8, 8, 1]: capacity 8 -> 3 rows x 8 = 24; 16 -> [8, 8], [1] = 2 x 16 = 32; 24 -> one row of 17.
     lengths = [8, 8, 1]
     rows = choose_rows(lengths, 32)
-    assert sum(len(r) for r in rows) == 3 and len(rows) * max(sum(lengths[i] for i in r) for r in rows) == 17
+    assert (
+        sum(len(r) for r in rows) == 3
+        and len(rows) * max(sum(lengths[i] for i in r) for r in rows) == 17
+    )

@@ -1,5 +1,6 @@
 """Data-parallel and sharded training on 2 CPU processes (gloo) reach the same losses and
 weights as one process over the same global batches."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,20 @@ SCRIPT = Path(__file__).parent / "scripts" / "parallel_fit.py"
 def _run(tiny_models, strategy: str, out: Path) -> tuple[list[float], dict, bool]:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, str(SCRIPT), "--vision", str(tiny_models["vision"]), "--llm", str(tiny_models["llm"]),
-           "--image-size", str(TINY_SPEC.image_size), "--strategy", strategy, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--vision",
+        str(tiny_models["vision"]),
+        "--llm",
+        str(tiny_models["llm"]),
+        "--image-size",
+        str(TINY_SPEC.image_size),
+        "--strategy",
+        strategy,
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "losses.json").read_text())

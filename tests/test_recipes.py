@@ -9,6 +9,7 @@ file the previous stage's ``save_weights`` wrote. The stand-in towers are deepen
 share/pretrain tunes the tower from block 12, so blocks 0-11 and 12 must exist to tell
 "frozen" from "trains" at the recipe's own layer index (``feature_layer: -2`` keeps 13 blocks).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -21,8 +22,8 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from lmm.cli import LMMCLI, accumulation_steps
-from lmm.registry import ConfigError
+from lmm.errors import ConfigError
+from lmm.train.cli import LMMCLI, accumulation_steps
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -81,7 +82,9 @@ def test_every_config_file_is_covered():
     files = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     pair_files = {f"tinyllava/models/{p}" for p in PAIRS}
     trainer_files = {f"trainer/{p}" for p in TRAINER_FILES}
-    assert set(STAGES) | pair_files | trainer_files == files, "add new configs to STAGES / CHAINS in this test"
+    assert set(STAGES) | pair_files | trainer_files == files, (
+        "add new configs to STAGES / CHAINS in this test"
+    )
     assert {s for chain in CHAINS.values() for s in chain} == set(STAGES)
     assert len(PAIRS) == 6  # {CLIP, SigLIP} x {TinyLlama, StableLM-2, Phi-2}
 
@@ -89,10 +92,17 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize("name", TRAINER_FILES)
 def test_trainer_files_combine_with_a_recipe(name, capsys):
     """Each add-on parses on top of a TinyLLaVA stage + pair, and its settings win."""
-    from lmm.cli import LMMCLI
+    from lmm.train.cli import LMMCLI
 
-    args = ["-c", str(CONFIGS / "tinyllava/base/finetune.yaml"), "-c", str(CONFIGS / "tinyllava/models" / PAIRS[0]),
-            "-c", str(CONFIGS / "trainer" / name), "--print_config"]
+    args = [
+        "-c",
+        str(CONFIGS / "tinyllava/base/finetune.yaml"),
+        "-c",
+        str(CONFIGS / "tinyllava/models" / PAIRS[0]),
+        "-c",
+        str(CONFIGS / "trainer" / name),
+        "--print_config",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         LMMCLI(args=args, run=False)
     assert exit_info.value.code in (0, None)
@@ -102,7 +112,9 @@ def test_trainer_files_combine_with_a_recipe(name, capsys):
         if key == "strategy":
             assert printed["strategy"]["class_path"] == value["class_path"]
         elif key == "callbacks":
-            assert [c["class_path"] for c in printed["callbacks"]][-len(value):] == [c["class_path"] for c in value]
+            assert [c["class_path"] for c in printed["callbacks"]][-len(value) :] == [
+                c["class_path"] for c in value
+            ]
         else:
             assert printed[key] == value, key
 
@@ -189,11 +201,15 @@ def make_rewrite(standins: dict[str, str], world: Path, out: Path, seen: dict) -
     def rewrite(cfg) -> None:
         m, d, t = cfg.model, cfg.data, cfg.trainer
         for part in (m.vision, m.llm):
-            assert part.name_or_path in standins, f"no stand-in for {part.name_or_path!r}: add it to HUB_STANDINS"
+            assert part.name_or_path in standins, (
+                f"no stand-in for {part.name_or_path!r}: add it to HUB_STANDINS"
+            )
             part.name_or_path = standins[part.name_or_path]
         # Shards: where the converters write them (data/...) or the tiny world (artifacts/tiny/data).
         for pattern in (p for item in d.train for p in _patterns(item)):
-            assert pattern.startswith(("data/", "artifacts/tiny/data/", "artifacts/tiny_ov/data/")), pattern
+            assert pattern.startswith(
+                ("data/", "artifacts/tiny/data/", "artifacts/tiny_ov/data/")
+            ), pattern
         d.train = [f"{world}/{'pretrain' if d.template == 'plain' else 'finetune'}/shard-*.tar"]
         _walk_strings(cfg, lambda s: s.replace("artifacts/tiny/data/", f"{world}/", 1))
         _walk_strings(cfg, lambda s: str(out / s) if s.startswith("artifacts/") else s)
@@ -201,7 +217,9 @@ def make_rewrite(standins: dict[str, str], world: Path, out: Path, seen: dict) -
         if cfg.get("global_batch_size") is not None:
             cfg.global_batch_size = 4  # two micro-batches of 2 per step: accumulation is exercised
         d.batch_size, d.num_workers = 2, 0
-        t.accelerator = "cpu"  # devices (auto -> 1), num_nodes and precision (bf16-mixed) as written
+        t.accelerator = (
+            "cpu"  # devices (auto -> 1), num_nodes and precision (bf16-mixed) as written
+        )
         # LightningCLI's config.yaml goes to the logger's dir, else here (never the cwd = the repo).
         t.default_root_dir = str(out)
         t.max_steps, t.limit_val_batches, t.num_sanity_val_steps = 1, 0, 0
@@ -221,7 +239,9 @@ class GradRecorder(Callback):
         if self.with_grad is None:
             named = list(pl_module.model.named_parameters())
             self.with_grad = {n for n, p in named if p.grad is not None}
-            self.nonzero = {n for n, p in named if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+            self.nonzero = {
+                n for n, p in named if p.grad is not None and bool(p.grad.abs().sum() > 0)
+            }
 
 
 def _intended(model, intent: Intent) -> set[str]:
@@ -232,7 +252,9 @@ def _intended(model, intent: Intent) -> set[str]:
             names |= {f"{comp}.{n}" for n, _ in module.named_parameters()}
         elif want is not False:
             blocks = model.vision.blocks()
-            assert len(blocks) > want, f"stand-in tower has {len(blocks)} blocks; the recipe tunes from block {want}"
+            assert len(blocks) > want, (
+                f"stand-in tower has {len(blocks)} blocks; the recipe tunes from block {want}"
+            )
             tuned = {id(p) for b in list(blocks)[want:] for p in b.parameters()}
             names |= {f"vision.{n}" for n, p in module.named_parameters() if id(p) in tuned}
     return names
@@ -272,8 +294,12 @@ def test_recipe_trains_what_each_stage_intends(family, pair, standins, tiny_worl
 
 def test_accumulation_from_the_global_batch():
     assert accumulation_steps(256, devices=8, num_nodes=1, batch_size=32) == 1
-    assert accumulation_steps(256, devices=4, num_nodes=1, batch_size=32) == 2  # TinyLLaVA's pretrain
-    assert accumulation_steps(128, devices=4, num_nodes=1, batch_size=8) == 4  # TinyLLaVA's finetune
+    assert (
+        accumulation_steps(256, devices=4, num_nodes=1, batch_size=32) == 2
+    )  # TinyLLaVA's pretrain
+    assert (
+        accumulation_steps(128, devices=4, num_nodes=1, batch_size=8) == 4
+    )  # TinyLLaVA's finetune
     assert accumulation_steps(256, devices=8, num_nodes=2, batch_size=8) == 2
     with pytest.raises(ConfigError) as err:
         accumulation_steps(256, devices=3, num_nodes=1, batch_size=32)
@@ -303,7 +329,9 @@ def test_global_batch_errors_name_the_fields(tiny_models, tmp_path, capsys):
            "data.batch_size (4)" in err  # fmt: skip
     err = _cli_error(common + ["--global_batch_size", "8", "--data.batch_size", "4",
                                "--trainer.accumulate_grad_batches", "3"], capsys)  # fmt: skip
-    assert "trainer.accumulate_grad_batches=3 contradicts global_batch_size=8 (which needs 2)" in err
+    assert (
+        "trainer.accumulate_grad_batches=3 contradicts global_batch_size=8 (which needs 2)" in err
+    )
     cli = LMMCLI(args=common + ["--global_batch_size", "12", "--data.batch_size", "4"], run=False)
     assert cli.trainer.accumulate_grad_batches == 3
 
@@ -348,14 +376,19 @@ def test_tinyllava_hyperparameters(stage, lr, batch, freeze):
     cfg = _load(f"tinyllava/{stage}")
     assert cfg["global_batch_size"] == batch and cfg["trainer"]["max_epochs"] == 1
     assert {k: cfg["model"]["optim"][k] for k in lr} == lr
-    assert cfg["model"]["optim"]["warmup_ratio"] == 0.03 and cfg["model"]["optim"]["min_lr_ratio"] == 0.0
+    assert (
+        cfg["model"]["optim"]["warmup_ratio"] == 0.03
+        and cfg["model"]["optim"]["min_lr_ratio"] == 0.0
+    )
     assert cfg["model"]["freeze"] == freeze
     assert cfg["data"]["template"] == ("plain" if "pretrain" in stage else "vicuna")
     recipe = stage.split("/")[0]
     for pair in PAIRS:
         variant = _load(f"tinyllava/models/{pair}")["variant"]
         assert pair == f"{variant}.yaml"
-        assert f"TinyLLaVA-{recipe}-{{variant}}/" in cfg["model"]["save_weights"]  # TinyLLaVA-{recipe}-{vision}-{LLM}
+        assert (
+            f"TinyLLaVA-{recipe}-{{variant}}/" in cfg["model"]["save_weights"]
+        )  # TinyLLaVA-{recipe}-{vision}-{LLM}
 
 
 @pytest.mark.parametrize("family", ["phi", "stablelm"])

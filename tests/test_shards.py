@@ -1,4 +1,5 @@
 """Shard streams: DataModule round trip, node/worker splitting, skip accounting, epoch order."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import webdataset as wds
+from conftest import TOKENS_PER_IMAGE, json_bytes, png_bytes
 from torch.utils.data import DataLoader
 
-from conftest import TOKENS_PER_IMAGE, json_bytes, png_bytes
 from lmm.data.collate import collate
 from lmm.data.datamodule import LMMDataModule
 from lmm.data.encode import IGNORE_INDEX, Processor, SampleEncoder
@@ -58,8 +59,14 @@ def ids_of(samples: list[dict]) -> dict:
 def test_datamodule_round_trip(tiny_world, processor, tokenizer):
     root, manifest = tiny_world
     shards = split_shards(tiny_world, "finetune")
-    dm = LMMDataModule(train=[str(root / "finetune" / "shard-*.tar")], template="vicuna", batch_size=4,
-                       num_workers=0, max_length=256, processor=processor)
+    dm = LMMDataModule(
+        train=[str(root / "finetune" / "shard-*.tar")],
+        template="vicuna",
+        batch_size=4,
+        num_workers=0,
+        max_length=256,
+        processor=processor,
+    )
     truth = {k: json.loads(v["json"]) for s in shards for k, v in read_tar(Path(s)).items()}
     assert len(truth) == manifest["splits"]["finetune"]["num_samples"] == 64
 
@@ -73,7 +80,10 @@ def test_datamodule_round_trip(tiny_world, processor, tokenizer):
         lengths = batch["attention_mask"].sum(1)
         for row in range(B):
             L = int(lengths[row])
-            assert batch["attention_mask"][row, :L].all() and not batch["attention_mask"][row, L:].any()
+            assert (
+                batch["attention_mask"][row, :L].all()
+                and not batch["attention_mask"][row, L:].any()
+            )
             assert (batch["input_ids"][row, L:] == tokenizer.pad_token_id).all()
             assert (batch["labels"][row, L:] == IGNORE_INDEX).all()
         # One image per sample, N ids per image.
@@ -95,15 +105,22 @@ def test_datamodule_round_trip(tiny_world, processor, tokenizer):
 def test_datamodule_needs_processor_and_shards(tiny_world, tmp_path):
     root, _ = tiny_world
     with pytest.raises(RuntimeError, match="processor"):
-        LMMDataModule(train=[str(root / "finetune" / "shard-*.tar")], num_workers=0).train_dataloader()
+        LMMDataModule(
+            train=[str(root / "finetune" / "shard-*.tar")], num_workers=0
+        ).train_dataloader()
     with pytest.raises(FileNotFoundError, match="data.train: no shard matches"):
         expand_shards([str(tmp_path / "nothing-*.tar")], "data.train")
-    assert expand_shards([str(root / "finetune" / "shard-{000000..000001}.tar")], "x") == split_shards(tiny_world, "finetune")[:2]
+    assert (
+        expand_shards([str(root / "finetune" / "shard-{000000..000001}.tar")], "x")
+        == split_shards(tiny_world, "finetune")[:2]
+    )
 
 
 def test_datamodule_uses_trainer_rank(tiny_world, processor):
     root, _ = tiny_world
-    dm = LMMDataModule(train=[str(root / "finetune" / "shard-*.tar")], num_workers=0, processor=processor)
+    dm = LMMDataModule(
+        train=[str(root / "finetune" / "shard-*.tar")], num_workers=0, processor=processor
+    )
     dm.trainer = SimpleNamespace(global_rank=1, world_size=2)
     stream = dm.train_dataloader().dataset
     assert (stream.rank, stream.world_size) == (1, 2)
@@ -128,8 +145,17 @@ def test_ranks_and_workers_read_disjoint_complete_shares(tiny_world):
     assert len(shards) == 4
     per_slot: dict[tuple[int, int], set[str]] = {}
     for rank in range(2):
-        stream = ShardStream(shards, key_of, ids_of, batch_size=5, shuffle_shards=True, shuffle_buffer=8,
-                             seed=3, rank=rank, world_size=2)
+        stream = ShardStream(
+            shards,
+            key_of,
+            ids_of,
+            batch_size=5,
+            shuffle_shards=True,
+            shuffle_buffer=8,
+            seed=3,
+            rank=rank,
+            world_size=2,
+        )
         loader = DataLoader(stream, batch_size=None, num_workers=2)
         for batch in loader:
             # Each shard holds 16 consecutive keys, so a batch's shard tells which slot read it.
@@ -146,7 +172,16 @@ def test_ranks_get_disjoint_samples_without_workers(tiny_world):
     shards = split_shards(tiny_world, "pretrain")
     got = []
     for rank in range(2):
-        stream = ShardStream(shards, key_of, ids_of, batch_size=7, shuffle_shards=True, seed=1, rank=rank, world_size=2)
+        stream = ShardStream(
+            shards,
+            key_of,
+            ids_of,
+            batch_size=7,
+            shuffle_shards=True,
+            seed=1,
+            rank=rank,
+            world_size=2,
+        )
         got.append([k for b in stream for k in b["ids"]])
     assert len(got[0]) == len(got[1]) == 32
     assert not set(got[0]) & set(got[1])
@@ -163,11 +198,32 @@ def planted_shard(tiny_world, tmp_path_factory) -> tuple[str, list[str], Counter
     good_keys = sorted(good)[:5]
     conv_ok = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
     bad = [
-        ("bad-image", {"json": json_bytes({"conversations": conv_ok}), "png": b"\x89PNG not really"}, "image_decode"),
+        (
+            "bad-image",
+            {"json": json_bytes({"conversations": conv_ok}), "png": b"\x89PNG not really"},
+            "image_decode",
+        ),
         ("bad-json", {"json": b'{"conversations": [', "png": png_bytes()}, "malformed"),
-        ("no-image-token", {"json": json_bytes({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
-                            "png": png_bytes()}, "image_count"),
-        ("no-answer", {"json": json_bytes({"conversations": conv_ok[:1]}), "png": png_bytes()}, "no_assistant"),
+        (
+            "no-image-token",
+            {
+                "json": json_bytes(
+                    {
+                        "conversations": [
+                            {"from": "human", "value": "q"},
+                            {"from": "gpt", "value": "a"},
+                        ]
+                    }
+                ),
+                "png": png_bytes(),
+            },
+            "image_count",
+        ),
+        (
+            "no-answer",
+            {"json": json_bytes({"conversations": conv_ok[:1]}), "png": png_bytes()},
+            "no_assistant",
+        ),
     ]
     path = tmp_path_factory.mktemp("planted") / "shard-000000.tar"
     with wds.TarWriter(str(path), encoder=False) as sink:
@@ -183,8 +239,12 @@ def planted_shard(tiny_world, tmp_path_factory) -> tuple[str, list[str], Counter
 def test_skips_are_counted_and_nothing_is_lost(planted_shard, processor, batch_size):
     path, good_keys, expected_skips = planted_shard
     enc = SampleEncoder(processor, get_template("vicuna"), max_length=256)
-    stream = ShardStream([path], enc.train_sample, partial(collate, pad_id=processor.tokenizer.pad_token_id),
-                         batch_size=batch_size)
+    stream = ShardStream(
+        [path],
+        enc.train_sample,
+        partial(collate, pad_id=processor.tokenizer.pad_token_id),
+        batch_size=batch_size,
+    )
     yielded, skipped = [], Counter()
     for batch in stream:
         yielded += batch["ids"]
@@ -204,20 +264,31 @@ def test_skips_alone_still_reach_the_trainer(tmp_path, processor):
         for i in range(3):
             sink.write({"__key__": f"b{i}", "json": b"nope", "png": png_bytes()})
     enc = SampleEncoder(processor, get_template("vicuna"), max_length=256)
-    batches = list(ShardStream([str(path)], enc.train_sample, partial(collate, pad_id=0), batch_size=2))
+    batches = list(
+        ShardStream([str(path)], enc.train_sample, partial(collate, pad_id=0), batch_size=2)
+    )
     assert len(batches) == 1
     assert batches[0]["size"] == 0 and batches[0]["skipped"] == {"malformed": 3}
 
 
 def test_pickled_member_stops_the_stream(tmp_path, processor):
     """Unsafe shards are not a per-sample skip: the stream refuses them outright."""
-    from lmm.data.errors import UnsafeShardError
+    from lmm.errors import UnsafeShardError
 
     path = tmp_path / "unsafe.tar"
     conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
     with wds.TarWriter(str(path), encoder=False) as sink:
-        sink.write({"__key__": "ok", "json": json_bytes({"conversations": conv}), "png": png_bytes()})
-        sink.write({"__key__": "evil", "json": json_bytes({"conversations": conv}), "png": png_bytes(), "x.pyd": b"\x80."})
+        sink.write(
+            {"__key__": "ok", "json": json_bytes({"conversations": conv}), "png": png_bytes()}
+        )
+        sink.write(
+            {
+                "__key__": "evil",
+                "json": json_bytes({"conversations": conv}),
+                "png": png_bytes(),
+                "x.pyd": b"\x80.",
+            }
+        )
     enc = SampleEncoder(processor, get_template("vicuna"), max_length=256)
     with pytest.raises(UnsafeShardError, match="'evil'"):
         list(ShardStream([str(path)], enc.train_sample, partial(collate, pad_id=0), batch_size=4))
@@ -227,7 +298,9 @@ def test_truncated_shard_is_counted_and_next_shard_read(tiny_world, tmp_path):
     first, second = split_shards(tiny_world, "finetune")[:2]
     data = Path(first).read_bytes()
     broken = tmp_path / "broken.tar"
-    broken.write_bytes(data[: data.index(b"\x89PNG", len(data) // 2) + 50])  # inside an image's bytes
+    broken.write_bytes(
+        data[: data.index(b"\x89PNG", len(data) // 2) + 50]
+    )  # inside an image's bytes
     batches = list(ShardStream([str(broken), second], key_of, ids_of, batch_size=4))
     ids = [k for b in batches for k in b["ids"]]
     skipped = sum((Counter(b["skipped"]) for b in batches), Counter())
@@ -240,7 +313,16 @@ def test_truncated_shard_is_counted_and_next_shard_read(tiny_world, tmp_path):
 
 
 def _order(shards, epoch, seed=0, rank=0):
-    stream = ShardStream(shards, key_of, ids_of, batch_size=8, shuffle_buffer=16, shuffle_shards=True, seed=seed, rank=rank)
+    stream = ShardStream(
+        shards,
+        key_of,
+        ids_of,
+        batch_size=8,
+        shuffle_buffer=16,
+        shuffle_shards=True,
+        seed=seed,
+        rank=rank,
+    )
     stream.epoch = epoch
     return [k for b in stream for k in b["ids"]]
 
@@ -261,11 +343,18 @@ def test_order_is_reproducible_per_seed_and_epoch(tiny_world):
 
 def test_epoch_loader_advances_epoch(tiny_world):
     shards = split_shards(tiny_world, "pretrain")
-    stream = ShardStream(shards, key_of, ids_of, batch_size=8, shuffle_buffer=16, shuffle_shards=True, seed=0)
+    stream = ShardStream(
+        shards, key_of, ids_of, batch_size=8, shuffle_buffer=16, shuffle_shards=True, seed=0
+    )
     loader = EpochLoader(stream, batch_size=None, num_workers=0)
     first = [k for b in loader for k in b["ids"]]
     second = [k for b in loader for k in b["ids"]]
     assert first == _order(shards, 0) and second == _order(shards, 1)
-    again = EpochLoader(ShardStream(shards, key_of, ids_of, batch_size=8, shuffle_buffer=16, shuffle_shards=True, seed=0),
-                        batch_size=None, num_workers=0)
+    again = EpochLoader(
+        ShardStream(
+            shards, key_of, ids_of, batch_size=8, shuffle_buffer=16, shuffle_shards=True, seed=0
+        ),
+        batch_size=None,
+        num_workers=0,
+    )
     assert [k for b in again for k in b["ids"]] == first

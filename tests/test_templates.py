@@ -1,11 +1,18 @@
 """Conversation parsing and template rendering: exact text and exact supervised character spans."""
+
 from __future__ import annotations
 
 import pytest
-
 from conftest import VICUNA_SYSTEM
-from lmm.data.templates import TEMPLATES, ConversationError, Template, Turn, get_template, parse_conversation
-from lmm.registry import UnknownComponentError
+
+from lmm.data.templates import (
+    TEMPLATES,
+    Template,
+    Turn,
+    get_template,
+    parse_conversation,
+)
+from lmm.errors import ConversationError, UnknownComponentError
 
 EOS = "</s>"
 
@@ -28,7 +35,9 @@ def test_parse_conversation_maps_llava_roles():
     with_system = parse_conversation([{"from": "system", "value": "Be brief."}, *CONV[:2]])
     assert [t.role for t in with_system] == ["system", "user", "assistant"]
     # "user"/"assistant" are accepted as synonyms of "human"/"gpt".
-    assert parse_conversation([{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]) == [
+    assert parse_conversation(
+        [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]
+    ) == [
         Turn("user", "q"),
         Turn("assistant", "a"),
     ]
@@ -79,8 +88,13 @@ def test_generation_prompt_ends_with_assistant_opener():
     turns = parse_conversation(CONV[:3])  # ends with a user turn
     text, spans = get_template("vicuna").render(turns, EOS, add_generation_prompt=True)
     assert text.endswith("USER: Is there a square? ASSISTANT:")
-    assert spans == [(len(VICUNA_SYSTEM) + len(" USER: <image>\nWhat color is the circle? ASSISTANT:"),
-                      len(VICUNA_SYSTEM) + len(" USER: <image>\nWhat color is the circle? ASSISTANT: red</s>"))]
+    assert spans == [
+        (
+            len(VICUNA_SYSTEM) + len(" USER: <image>\nWhat color is the circle? ASSISTANT:"),
+            len(VICUNA_SYSTEM)
+            + len(" USER: <image>\nWhat color is the circle? ASSISTANT: red</s>"),
+        )
+    ]
     with pytest.raises(ConversationError, match="end with a user turn"):
         get_template("vicuna").render(parse_conversation(CONV), EOS, add_generation_prompt=True)
 
@@ -93,8 +107,14 @@ def test_stop_string_is_the_end_of_turn():
 @pytest.mark.parametrize(
     "conv, message",
     [
-        ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "turn 1 is 'user', expected 'assistant'"),
-        ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], "turn 0 is 'assistant', expected 'user'"),
+        (
+            [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}],
+            "turn 1 is 'user', expected 'assistant'",
+        ),
+        (
+            [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}],
+            "turn 0 is 'assistant', expected 'user'",
+        ),
         (
             [{"from": "human", "value": "a"}, {"from": "system", "value": "s"}],
             "turn 1 is 'system', expected 'assistant'",
@@ -129,7 +149,16 @@ def test_unknown_template_lists_known_ones():
         get_template("vicunaa")
     msg = str(info.value)
     assert "data.template" in msg and "'vicunaa'" in msg
-    expected = ["chatml", "gemma", "phi", "plain", "qwen2_base", "qwen2_instruct", "tokenizer", "vicuna"]
+    expected = [
+        "chatml",
+        "gemma",
+        "phi",
+        "plain",
+        "qwen2_base",
+        "qwen2_instruct",
+        "tokenizer",
+        "vicuna",
+    ]
     assert "known: " + ", ".join(expected) in msg
     assert TEMPLATES.names() == expected
 
@@ -142,12 +171,21 @@ def test_datamodule_system_prompt_replaces_the_default():
     assert default.startswith("A chat between")
     none, spans = LMMDataModule(template="vicuna", system_prompt="").template.render(turns, "</s>")
     assert none == "USER: hi ASSISTANT: yo</s>" and [none[s:e] for s, e in spans] == [" yo</s>"]
-    custom, _ = LMMDataModule(template="vicuna", system_prompt="Be brief.").template.render(turns, "</s>")
+    custom, _ = LMMDataModule(template="vicuna", system_prompt="Be brief.").template.render(
+        turns, "</s>"
+    )
     assert custom == "Be brief. USER: hi ASSISTANT: yo</s>"
 
 
-@pytest.mark.parametrize("name, end", [("phi", "<|endoftext|>"), ("gemma", "<eos>"), ("qwen2_base", "<|endoftext|>"),
-                                       ("qwen2_instruct", "<|im_end|>")])
+@pytest.mark.parametrize(
+    "name, end",
+    [
+        ("phi", "<|endoftext|>"),
+        ("gemma", "<eos>"),
+        ("qwen2_base", "<|endoftext|>"),
+        ("qwen2_instruct", "<|im_end|>"),
+    ],
+)
 def test_family_vicuna_variants_differ_only_in_end_of_turn(name, end):
     """TinyLLaVA's per-family templates: Vicuna turns, each family's own end-of-turn token."""
     text, spans = get_template(name).render(parse_conversation(CONV), EOS)
@@ -155,22 +193,29 @@ def test_family_vicuna_variants_differ_only_in_end_of_turn(name, end):
     assert text == vicuna_text.replace(EOS, end)
     assert [text[s:e] for s, e in spans] == [" red" + end, " No" + end]
     shift = len(end) - len(EOS)
-    assert spans == [(vicuna_spans[0][0], vicuna_spans[0][1] + shift), (vicuna_spans[1][0] + shift, vicuna_spans[1][1] + 2 * shift)]
+    assert spans == [
+        (vicuna_spans[0][0], vicuna_spans[0][1] + shift),
+        (vicuna_spans[1][0] + shift, vicuna_spans[1][1] + 2 * shift),
+    ]
     # The literal end token, whatever the tokenizer's eos is.
     assert get_template(name).stop_string("</s>") == end
 
 
 def test_chatml_render_exact_text_and_spans():
     text, spans = get_template("chatml").render(parse_conversation(CONV), EOS)
-    p1 = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-          "<|im_start|>user\n<image>\nWhat color is the circle?<|im_end|>\n<|im_start|>assistant\n")
+    p1 = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat color is the circle?<|im_end|>\n<|im_start|>assistant\n"
+    )
     p2 = "\n<|im_start|>user\nIs there a square?<|im_end|>\n<|im_start|>assistant\n"
     assert text == p1 + "red<|im_end|>" + p2 + "No<|im_end|>\n"
     # The answer and <|im_end|> are supervised; the newline after <|im_end|> is not.
     s1 = len(p1)
     s2 = s1 + len("red<|im_end|>") + len(p2)
     assert spans == [(s1, s1 + len("red<|im_end|>")), (s2, s2 + len("No<|im_end|>"))]
-    prompt, _ = get_template("chatml").render(parse_conversation(CONV[:3]), EOS, add_generation_prompt=True)
+    prompt, _ = get_template("chatml").render(
+        parse_conversation(CONV[:3]), EOS, add_generation_prompt=True
+    )
     assert prompt == p1 + "red<|im_end|>" + p2
     assert get_template("chatml").stop_string(EOS) == "<|im_end|>"
 
@@ -182,7 +227,9 @@ def test_tokenizer_template_needs_binding(tokenizer):
     # Unbound, only eos is known to stop generation.
     assert template.stop_string(EOS) == EOS
     # The tiny Llama tokenizer has no chat template of its own.
-    from lmm.data.errors import TemplateMismatchError
+    from lmm.errors import TemplateMismatchError
 
-    with pytest.raises(TemplateMismatchError, match="has none; choose a named template: chatml, gemma"):
+    with pytest.raises(
+        TemplateMismatchError, match="has none; choose a named template: chatml, gemma"
+    ):
         template.bind(tokenizer)

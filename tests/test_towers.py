@@ -4,6 +4,7 @@ blocks and partial freezing, image specs, and the errors for missing weights and
 Every tower is a tiny random-init model of the real class, saved the way the real one is
 published (``lmm.standins.vision``) and loaded by ``build_vision_tower``.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,9 @@ import pytest
 import torch
 
 from lmm.data.image import ImageTransform
+from lmm.errors import ConfigError, MissingWeightsError, UnknownComponentError
 from lmm.model.freeze import apply_policy
-from lmm.model.loading import MissingWeightsError
-from lmm.model.vision import VISION_TOWERS, VisionConfig, build_vision_tower
-from lmm.registry import ConfigError, UnknownComponentError
+from lmm.model.towers import VISION_TOWERS, VisionConfig, build_vision_tower
 from lmm.standins.vision import STANDIN_TOWERS, build_tower
 
 KINDS = list(STANDIN_TOWERS)  # clip, siglip, open_clip, timm_vit, timm_cnn
@@ -61,7 +61,9 @@ def test_unknown_standin_and_unknown_kind():
         build_tower("clip_vit", "/nonexistent")
     with pytest.raises(UnknownComponentError) as info:
         build_vision_tower(VisionConfig(kind="timm_vit"))
-    assert "model.vision.kind" in str(info.value) and "known: hf, open_clip, timm" in str(info.value)
+    assert "model.vision.kind" in str(info.value) and "known: hf, open_clip, timm" in str(
+        info.value
+    )
     assert VISION_TOWERS.names() == ["hf", "open_clip", "timm"]
 
 
@@ -75,7 +77,11 @@ def test_hf_features_are_the_models_hidden_state(standins, kind, feature_layer, 
     from transformers import CLIPVisionModel, SiglipVisionModel
 
     s = standins[kind]
-    reference = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}[kind].from_pretrained(s.name_or_path).eval()
+    reference = (
+        {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}[kind]
+        .from_pretrained(s.name_or_path)
+        .eval()
+    )
     tower = _tower(s, feature_layer=feature_layer, select=select)
     grid = (s.image_size // 8) ** 2
     cls = 1 if kind == "clip" else 0  # SigLIP has no CLS token
@@ -84,7 +90,9 @@ def test_hf_features_are_the_models_hidden_state(standins, kind, feature_layer, 
     pv = _pixels(s.image_size)
     with torch.no_grad():
         layer = -2 if feature_layer is None else feature_layer
-        expected = reference(pixel_values=pv, output_hidden_states=True).hidden_states[layer][:, dropped:]
+        expected = reference(pixel_values=pv, output_hidden_states=True).hidden_states[layer][
+            :, dropped:
+        ]
         got = tower(pv)
     assert got.shape == (2, tower.num_tokens, s.hidden_size)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -94,14 +102,25 @@ def test_hf_features_are_the_models_hidden_state(standins, kind, feature_layer, 
 @pytest.mark.parametrize("model_type, tokens", [("siglip", 729), ("clip", 729)])
 def test_27x27_grid_gives_729_tokens(tmp_path, model_type, tokens):
     """SigLIP keeps all 27*27 patches; CLIP has 730 tokens and drops its CLS."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     config_class, model_class = {
         "siglip": (SiglipVisionConfig, SiglipVisionModel),
         "clip": (CLIPVisionConfig, CLIPVisionModel),
     }[model_type]
-    cfg = config_class(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       image_size=54, patch_size=2)
+    cfg = config_class(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=54,
+        patch_size=2,
+    )
     model_class(cfg).save_pretrained(tmp_path)
     tower = build_vision_tower(VisionConfig(name_or_path=str(tmp_path))).eval()
     assert tower.num_tokens == tokens
@@ -112,7 +131,9 @@ def test_27x27_grid_gives_729_tokens(tmp_path, model_type, tokens):
 def test_hf_refuses_other_model_types(tmp_path):
     from transformers import ViTConfig
 
-    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16).save_pretrained(tmp_path)
+    ViTConfig(
+        hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    ).save_pretrained(tmp_path)
     with pytest.raises(ConfigError) as info:
         build_vision_tower(VisionConfig(name_or_path=str(tmp_path)))
     msg = str(info.value)
@@ -215,21 +236,33 @@ def test_timm_vit_last_layer_matches_forward_features(standins):
     tower = _tower(s, feature_layer=-1)
     pv = _pixels(s.image_size, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(ref.norm(tower(pv)), ref.forward_features(pv)[:, 1:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            ref.norm(tower(pv)), ref.forward_features(pv)[:, 1:], rtol=0, atol=1e-5
+        )
     names = [n for n, _ in tower.named_parameters()]
     assert not any(n.startswith(("model.norm.", "model.head.", "model.fc_norm.")) for n in names)
 
 
 def test_timm_vit_with_registers_drops_every_prefix_token(tmp_path):
-    path = _save_timm(tmp_path, "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
-                      num_heads=2, reg_tokens=2)
+    path = _save_timm(
+        tmp_path,
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        reg_tokens=2,
+    )
     ref = _timm_reference(path)
     assert ref.num_prefix_tokens == 3  # CLS + 2 registers
     pv = _pixels(32)
     with torch.no_grad():
         full = _vit_blocks_by_hand(ref, pv, 1)
         for select, dropped in [("auto", 3), ("patch", 1), ("full", 0)]:
-            tower = build_vision_tower(VisionConfig(kind="timm", name_or_path=path, select=select)).eval()
+            tower = build_vision_tower(
+                VisionConfig(kind="timm", name_or_path=path, select=select)
+            ).eval()
             assert tower.num_tokens == 16 + 3 - dropped
             torch.testing.assert_close(tower(pv), full[:, dropped:], rtol=0, atol=1e-5)
 
@@ -241,7 +274,9 @@ def _resnet_by_hand(m, pv, stages):
     return x
 
 
-@pytest.mark.parametrize("feature_layer, stages, stride", [(None, 4, 32), (-1, 4, 32), (-2, 3, 16), (1, 1, 4)])
+@pytest.mark.parametrize(
+    "feature_layer, stages, stride", [(None, 4, 32), (-1, 4, 32), (-2, 3, 16), (1, 1, 4)]
+)
 def test_timm_cnn_tokens_are_the_stage_map_cells(standins, feature_layer, stages, stride):
     s = standins["timm_cnn"]
     ref = _timm_reference(s.name_or_path)
@@ -259,17 +294,30 @@ def test_timm_cnn_tokens_are_the_stage_map_cells(standins, feature_layer, stages
     for i, j in [(0, 0), (0, side - 1), (side - 1, 0)]:
         torch.testing.assert_close(got[:, i * side + j], fmap[:, :, i, j], rtol=0, atol=1e-5)
     torch.testing.assert_close(got, fmap.flatten(2).transpose(1, 2), rtol=0, atol=1e-5)
-    assert [b for b in tower.blocks()] == [getattr(tower.model, f"layer{i}") for i in range(1, stages + 1)]
+    assert [b for b in tower.blocks()] == [
+        getattr(tower.model, f"layer{i}") for i in range(1, stages + 1)
+    ]
     if stages == 4:  # the final map is the model's own forward_features
-        torch.testing.assert_close(got, ref.forward_features(pv).flatten(2).transpose(1, 2), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            got, ref.forward_features(pv).flatten(2).transpose(1, 2), rtol=0, atol=1e-5
+        )
 
 
 def test_timm_convnext_blocks_are_its_stages(tmp_path):
-    path = _save_timm(tmp_path, "convnext_atto", data_config={"input_size": (3, 64, 64)}, depths=(1, 1, 1, 1),
-                      dims=(8, 16, 24, 32))
+    path = _save_timm(
+        tmp_path,
+        "convnext_atto",
+        data_config={"input_size": (3, 64, 64)},
+        depths=(1, 1, 1, 1),
+        dims=(8, 16, 24, 32),
+    )
     ref = _timm_reference(path)
-    tower = build_vision_tower(VisionConfig(kind="timm", name_or_path=path, feature_layer=-2)).eval()
-    assert len(tower.blocks()) == 3 and tower.num_tokens == (64 // 16) ** 2 and tower.hidden_size == 24
+    tower = build_vision_tower(
+        VisionConfig(kind="timm", name_or_path=path, feature_layer=-2)
+    ).eval()
+    assert (
+        len(tower.blocks()) == 3 and tower.num_tokens == (64 // 16) ** 2 and tower.hidden_size == 24
+    )
     assert all(a is b for a, b in zip(tower.blocks(), tower.model.stages))
     pv = _pixels(64)
     with torch.no_grad():
@@ -308,7 +356,9 @@ def test_partial_freezing_freezes_embedding_and_blocks_before_k(standins, kind):
         tower.zero_grad(set_to_none=True)
         if trainable:
             tower(pv).pow(2).mean().backward()
-        got_grad = {n for n, p in tower.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        got_grad = {
+            n for n, p in tower.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+        }
         assert got_grad == trainable, k
 
 
@@ -352,7 +402,9 @@ def test_image_preprocess_choice_reaches_the_transform(standins, kind):
     x = ImageTransform(tower.image_spec)(wide)
     assert x.shape == (3, s.image_size, s.image_size)
     # The letterbox rows are the tower's mean colour: ~0 after its own normalisation.
-    assert x[:, : s.image_size // 4].abs().max() <= 0.5 / 255 / min(s.std) + 1e-6  # 8-bit rounding of the mean
+    assert (
+        x[:, : s.image_size // 4].abs().max() <= 0.5 / 255 / min(s.std) + 1e-6
+    )  # 8-bit rounding of the mean
     assert x[:, s.image_size // 2].abs().min() > 0.5
     with pytest.raises(ConfigError, match="resize, pad, letterbox"):
         _tower(s, image_preprocess="squash")
@@ -380,7 +432,11 @@ def test_directory_without_weights_names_the_path_and_the_fix(standins, kind, tm
     msg = str(info.value)
     assert str(tmp_path) in msg and "model.vision.name_or_path" in msg
     assert "does not hold a loadable" in msg
-    expected = {"hf": "model.safetensors", "open_clip": "open_clip_model.safetensors", "timm": "model.safetensors"}
+    expected = {
+        "hf": "model.safetensors",
+        "open_clip": "open_clip_model.safetensors",
+        "timm": "model.safetensors",
+    }
     assert expected[s.kind] in msg
 
 
@@ -390,8 +446,11 @@ def test_missing_directory_and_offline_hub_name(tmp_path, kind):
     with pytest.raises(MissingWeightsError, match="no such directory") as info:
         build_vision_tower(VisionConfig(kind=kind, name_or_path=missing))
     assert missing in str(info.value)
-    hub = {"hf": "lmm-test/no-such-tower", "open_clip": "hf-hub:lmm-test/no-such-tower",
-           "timm": "hf-hub:lmm-test/no-such-tower"}[kind]
+    hub = {
+        "hf": "lmm-test/no-such-tower",
+        "open_clip": "hf-hub:lmm-test/no-such-tower",
+        "timm": "hf-hub:lmm-test/no-such-tower",
+    }[kind]
     with pytest.raises(MissingWeightsError) as info:
         build_vision_tower(VisionConfig(kind=kind, name_or_path=hub))
     msg = str(info.value)
@@ -401,10 +460,16 @@ def test_missing_directory_and_offline_hub_name(tmp_path, kind):
 
 def test_bare_names_without_weights():
     # A timm registry name resolves to timm's hub repo, unreachable offline.
-    with pytest.raises(MissingWeightsError, match="hf download timm/vit_tiny_patch16_224.augreg_in21k"):
-        build_vision_tower(VisionConfig(kind="timm", name_or_path="vit_tiny_patch16_224.augreg_in21k"))
+    with pytest.raises(
+        MissingWeightsError, match="hf download timm/vit_tiny_patch16_224.augreg_in21k"
+    ):
+        build_vision_tower(
+            VisionConfig(kind="timm", name_or_path="vit_tiny_patch16_224.augreg_in21k")
+        )
     # An open_clip architecture name alone would be random weights: refused with what to write.
-    with pytest.raises(MissingWeightsError, match="bare open_clip architecture name carries no weights") as info:
+    with pytest.raises(
+        MissingWeightsError, match="bare open_clip architecture name carries no weights"
+    ) as info:
         build_vision_tower(VisionConfig(kind="open_clip", name_or_path="ViT-B-32"))
     assert "hf-hub:ORG/REPO" in str(info.value)
 
@@ -414,17 +479,30 @@ def test_open_clip_config_without_vision_transformer_is_refused(standins, tmp_pa
     import open_clip
     from safetensors.torch import save_file
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
     model = open_clip.CLIP(**cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "open_clip_model.safetensors"),
+    )
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    with pytest.raises(ConfigError, match="ModifiedResNet.*kind 'open_clip' supports open_clip's VisionTransformer"):
+    with pytest.raises(
+        ConfigError, match="ModifiedResNet.*kind 'open_clip' supports open_clip's VisionTransformer"
+    ):
         build_vision_tower(VisionConfig(kind="open_clip", name_or_path=str(tmp_path)))
 
 
 def test_tower_defaults_are_documented_defaults():
     cfg = VisionConfig()
-    assert (cfg.kind, cfg.feature_layer, cfg.select, cfg.image_preprocess) == ("hf", None, "auto", "pad")
+    assert (cfg.kind, cfg.feature_layer, cfg.select, cfg.image_preprocess) == (
+        "hf",
+        None,
+        "auto",
+        "pad",
+    )
     with pytest.raises(ConfigError, match="model.vision.select.*auto, patch, full"):
         build_vision_tower(VisionConfig(select="cls"))

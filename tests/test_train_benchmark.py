@@ -1,5 +1,6 @@
 """The training benchmark's parts: the comparison is apples to apples (same weights give
 transformers' LLaVA loss), and its padding and FLOP accounting is right on hand-made cases."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,8 +16,17 @@ bench = importlib.util.module_from_spec(_spec)
 sys.modules["train_throughput"] = bench  # dataclasses look their module up
 _spec.loader.exec_module(bench)
 
-SMALL = replace(bench.SHAPES["tiny"], vision_width=32, vision_layers=1, vision_heads=2, llm_width=32, llm_layers=1,
-                llm_heads=2, llm_intermediate=64, batch_size=4)
+SMALL = replace(
+    bench.SHAPES["tiny"],
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=2,
+    llm_width=32,
+    llm_layers=1,
+    llm_heads=2,
+    llm_intermediate=64,
+    batch_size=4,
+)
 
 
 def test_same_weights_give_transformers_llava_loss(tmp_path):
@@ -25,7 +35,9 @@ def test_same_weights_give_transformers_llava_loss(tmp_path):
 
 
 def test_padding_waste_on_hand_made_batches():
-    shape = replace(SMALL, batch_size=2, max_length=20, image_size=16, patch_size=16)  # 1 image token
+    shape = replace(
+        SMALL, batch_size=2, max_length=20, image_size=16, patch_size=16
+    )  # 1 image token
     specs = [{"text": t, "image": False, "answer": 1} for t in (10, 2, 5, 5)]
     waste = bench.padding_waste(specs, shape)
     # plain: [10, 2] -> 20 computed, [5, 5] -> 10: 8 of 30 are padding.
@@ -39,7 +51,9 @@ def test_padding_waste_on_hand_made_batches():
 def test_distribution_is_seeded_and_fits_the_context():
     a = bench.sample_lengths(500, SMALL, seed=3)
     assert a == bench.sample_lengths(500, SMALL, seed=3)
-    assert all(bench.length(s, SMALL) <= SMALL.max_length and 1 <= s["answer"] < s["text"] for s in a)
+    assert all(
+        bench.length(s, SMALL) <= SMALL.max_length and 1 <= s["answer"] < s["text"] for s in a
+    )
     text_only = sum(not s["image"] for s in a) / len(a)
     assert 0.05 < text_only < 0.15
 
@@ -48,4 +62,7 @@ def test_model_flops_count_the_lm_head_only_at_supervised_tokens():
     shape = replace(SMALL, image_size=16, patch_size=16)
     one = {"text": 10, "image": False, "answer": 2}
     more = {"text": 10, "image": False, "answer": 5}
-    assert bench.model_flops([more], shape) - bench.model_flops([one], shape) == 6 * shape.llm_width * shape.vocab_size * 3
+    assert (
+        bench.model_flops([more], shape) - bench.model_flops([one], shape)
+        == 6 * shape.llm_width * shape.vocab_size * 3
+    )

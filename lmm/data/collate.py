@@ -1,12 +1,13 @@
 """Padding encoded samples into batches: right padding for training, left for generation."""
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from lmm.model.image_batch import cat_pixels
-from lmm.model.loss import IGNORE_INDEX
+from lmm.constants import IGNORE_INDEX
+from lmm.visual.image_batch import cat_pixels
 
 
 def _pad(seqs: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The LightningDataModule: shard streams for fit, validation (generation) and test sets."""
+
 from __future__ import annotations
 
 import logging
@@ -15,9 +16,15 @@ from lmm.data.image import DEFAULT_MAX_IMAGE_PIXELS
 from lmm.data.mixing import MixIndex, ShardSet, as_shard_sets, describe_mix
 from lmm.data.packing import pack
 from lmm.data.quality import BadSampleMonitor
-from lmm.data.shards import PlannedStream, ResumableLoader, ShardStream, expand_shards, make_loader
+from lmm.data.shards import (
+    PlannedStream,
+    ResumableLoader,
+    ShardStream,
+    expand_shards,
+    make_loader,
+)
 from lmm.data.templates import get_template
-from lmm.registry import ConfigError
+from lmm.errors import ConfigError
 
 log = logging.getLogger("lmm")
 
@@ -142,7 +149,11 @@ class LMMDataModule(L.LightningDataModule):
         self.pack_length = pack_length
         self.strict_resume = strict_resume
         self.blank_images = blank_images
-        if max_image_pixels < 1 or not 0.0 <= max_bad_fraction <= 1.0 or bad_fraction_min_samples < 0:
+        if (
+            max_image_pixels < 1
+            or not 0.0 <= max_bad_fraction <= 1.0
+            or bad_fraction_min_samples < 0
+        ):
             raise ConfigError(
                 f"data.max_image_pixels ({max_image_pixels}) must be >= 1, data.max_bad_fraction ({max_bad_fraction}) "
                 f"within [0, 1] and data.bad_fraction_min_samples ({bad_fraction_min_samples}) >= 0"
@@ -161,13 +172,19 @@ class LMMDataModule(L.LightningDataModule):
 
     def _encoder(self) -> SampleEncoder:
         if self.processor is None:
-            raise RuntimeError("LMMDataModule needs a processor: pass processor=model.processor (the CLI links it)")
-        return SampleEncoder(self.processor, self.template, self.max_length, self.blank_images, self.max_image_pixels)
+            raise RuntimeError(
+                "LMMDataModule needs a processor: pass processor=model.processor (the CLI links it)"
+            )
+        return SampleEncoder(
+            self.processor, self.template, self.max_length, self.blank_images, self.max_image_pixels
+        )
 
     def bad_samples(self, stage: str) -> BadSampleMonitor:
         """The skip counts of ``stage`` (``training``, ``validation`` or ``test``)."""
         if stage not in self._bad:
-            self._bad[stage] = BadSampleMonitor(stage, self.max_bad_fraction, self.bad_fraction_min_samples)
+            self._bad[stage] = BadSampleMonitor(
+                stage, self.max_bad_fraction, self.bad_fraction_min_samples
+            )
         return self._bad[stage]
 
     def _placement(self) -> tuple[int, int]:
@@ -206,8 +223,11 @@ class LMMDataModule(L.LightningDataModule):
         stream = PlannedStream(
             index,
             encode=enc.train_sample,
-            collate=(partial(pack, pad_id=self._pad_id(), budget=self.pack_length) if self.pack_length
-                     else partial(collate, pad_id=self._pad_id())),
+            collate=(
+                partial(pack, pad_id=self._pad_id(), budget=self.pack_length)
+                if self.pack_length
+                else partial(collate, pad_id=self._pad_id())
+            ),
             batch_size=self.batch_size,
             seed=self.seed,
             shuffle=self.shuffle_buffer != 0,
@@ -228,7 +248,9 @@ class LMMDataModule(L.LightningDataModule):
         # Our __len__ is exact per rank (every rank gets the same batches, split across workers
         # by the plan), which is what Lightning's generic IterableDataset warning doubts.
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-        self._train_loader = ResumableLoader(stream, self.num_workers, epoch_fn=self._trainer_epoch, state=self)
+        self._train_loader = ResumableLoader(
+            stream, self.num_workers, epoch_fn=self._trainer_epoch, state=self
+        )
         if self._pending is not None:
             self._apply_pending()
         return self._train_loader
@@ -252,7 +274,13 @@ class LMMDataModule(L.LightningDataModule):
             pos = batch["position"]
             self._trained = (int(pos["epoch"]), int(pos["index"]) + 1)
         if isinstance(batch, dict) and "skipped" in batch:
-            stage = "training" if training else "test" if getattr(trainer, "testing", False) else "validation"
+            stage = (
+                "training"
+                if training
+                else "test"
+                if getattr(trainer, "testing", False)
+                else "validation"
+            )
             self.bad_samples(stage).update(batch)
         return batch
 
@@ -261,14 +289,22 @@ class LMMDataModule(L.LightningDataModule):
         to and the training skip counts (so the bad-sample rate continues across a resume)."""
         if self._trained is not None:
             epoch, batches = self._trained
-        elif self.trainer is None and self._train_loader is not None and self._train_loader.position is not None:
+        elif (
+            self.trainer is None
+            and self._train_loader is not None
+            and self._train_loader.position is not None
+        ):
             epoch, batches = self._train_loader.position  # no Trainer: what the loader handed out
         elif self._pending is not None:
             epoch, batches = int(self._pending["epoch"]), int(self._pending["batches"])
         else:
             return {}
-        return {"epoch": epoch, "batches": batches, "plan": dict(self._plan_key or {}),
-                "bad_samples": self.bad_samples("training").state_dict()}
+        return {
+            "epoch": epoch,
+            "batches": batches,
+            "plan": dict(self._plan_key or {}),
+            "bad_samples": self.bad_samples("training").state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -282,7 +318,11 @@ class LMMDataModule(L.LightningDataModule):
     def _apply_pending(self) -> None:
         state, loader = self._pending, self._train_loader
         saved = state.get("plan") or {}
-        differs = {k: (saved[k], v) for k, v in (self._plan_key or {}).items() if k in saved and saved[k] != v}
+        differs = {
+            k: (saved[k], v)
+            for k, v in (self._plan_key or {}).items()
+            if k in saved and saved[k] != v
+        }
         if differs:
             what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differs.items())
             if self.strict_resume:

@@ -1,6 +1,7 @@
 """Sample -> token ids, labels and pixels: templates rendered, tokenized once with offsets,
 labels taken from the assistant spans, ``<image>`` expanded to N ids, truncation that never
 cuts an image span."""
+
 from __future__ import annotations
 
 import json
@@ -10,14 +11,25 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from lmm.data.errors import SampleError, TemplateMismatchError, UnsafeShardError
-from lmm.data.image import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, ImageTransform, decode_image
-from lmm.data.templates import ConversationError, NoAssistantTurnError, Template, parse_conversation
+from lmm.constants import IGNORE_INDEX
+from lmm.data.image import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageTransform,
+    decode_image,
+)
+from lmm.data.templates import Template, parse_conversation
 from lmm.data.visuals import modality_of, placeholders, tiles, video_unsupported
-from lmm.model.image_batch import ImageBatch, PixelValues
-from lmm.model.image_spec import ImageSpec
-from lmm.model.loss import IGNORE_INDEX
-from lmm.model.visual_layout import VisualLayout
+from lmm.errors import (
+    ConversationError,
+    NoAssistantTurnError,
+    SampleError,
+    TemplateMismatchError,
+    UnsafeShardError,
+)
+from lmm.visual.image_batch import ImageBatch, PixelValues
+from lmm.visual.image_spec import ImageSpec
+from lmm.visual.layout import VisualLayout
 
 _SPACE = " \t\n\r"  # characters an answer span may leave untokenized
 # Members that would run code when decoded; a shard holding one is refused outright.
@@ -42,8 +54,14 @@ class Processor:
 class SampleEncoder:
     """Turns raw shard samples (json + image bytes) into model inputs for one stage."""
 
-    def __init__(self, processor: Processor, template: Template, max_length: int, blank_images: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    def __init__(
+        self,
+        processor: Processor,
+        template: Template,
+        max_length: int,
+        blank_images: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
         self.processor = processor
         self.max_image_pixels = max_image_pixels
         # A template sees the tokenizer once: checks its end-of-turn, or renders with it (``tokenizer``).
@@ -96,7 +114,9 @@ class SampleEncoder:
                 raise SampleError(err.reason, f"sample {key!r}: member {name!r}: {err}") from None
         return meta, images
 
-    def visual_inputs(self, meta: dict, images: list) -> tuple[list[int], Callable[[int], PixelValues]]:
+    def visual_inputs(
+        self, meta: dict, images: list
+    ) -> tuple[list[int], Callable[[int], PixelValues]]:
         """Tokens per ``<image>`` placeholder, and a function giving the ``pixel_values`` of the
         first k placeholders (truncation may keep fewer)."""
         n = self.processor.num_image_tokens
@@ -110,13 +130,19 @@ class SampleEncoder:
         def pixel_values(k: int) -> ImageBatch:
             kept = items[:k]
             parts = [tiles(v, imgs, layout, self.transform, self.blank_images) for v, imgs in kept]
-            return ImageBatch.of_sample(torch.cat(parts) if parts else self._no_pixels(), [v for v, _ in kept])
+            return ImageBatch.of_sample(
+                torch.cat(parts) if parts else self._no_pixels(), [v for v, _ in kept]
+            )
 
         return [layout.count(v) for v, _ in items], pixel_values
 
     def pixels(self, images: list) -> torch.Tensor:
         if self.blank_images:
-            return torch.stack([self.transform.blank() for _ in images]) if images else self._no_pixels()
+            return (
+                torch.stack([self.transform.blank() for _ in images])
+                if images
+                else self._no_pixels()
+            )
         return torch.stack([self.transform(img) for img in images]) if images else self._no_pixels()
 
     def _no_pixels(self) -> torch.Tensor:
@@ -131,18 +157,29 @@ class SampleEncoder:
         except ConversationError as err:
             raise SampleError("malformed", f"sample {meta['id']!r}: {err}") from None
 
-    def _expand_images(self, ids: np.ndarray, labels: np.ndarray, n_images: int, sample_id: str,
-                       counts: Optional[list[int]] = None):
+    def _expand_images(
+        self,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        n_images: int,
+        sample_id: str,
+        counts: Optional[list[int]] = None,
+    ):
         """Repeat the i-th ``<image>`` id ``counts[i]`` times (default: ``num_image_tokens`` each)."""
         is_image = ids == self.processor.image_token_id
         n_tokens = int(is_image.sum())
         if n_tokens != n_images:
-            raise SampleError("image_count", f"sample {sample_id!r}: {n_tokens} <image> token(s) but {n_images} image(s)")
+            raise SampleError(
+                "image_count",
+                f"sample {sample_id!r}: {n_tokens} <image> token(s) but {n_images} image(s)",
+            )
         repeats = np.ones(len(ids), dtype=np.int64)
         repeats[is_image] = self.processor.num_image_tokens if counts is None else counts
         return np.repeat(ids, repeats), np.repeat(labels, repeats)
 
-    def _truncate(self, ids: np.ndarray, labels: np.ndarray, counts: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    def _truncate(
+        self, ids: np.ndarray, labels: np.ndarray, counts: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, int]:
         """Cut to ``max_length``; a cut inside an image span (the i-th of ``counts[i]`` ids)
         moves to the span's start and drops that image. Returns ids, labels and the number of
         images kept."""
@@ -173,7 +210,9 @@ class SampleEncoder:
         ids, labels = self._expand_images(ids, labels, len(counts), sid, counts)
         ids, labels, kept = self._truncate(ids, labels, counts)
         if not (labels != IGNORE_INDEX).any():
-            raise SampleError("overlong", f"sample {sid!r}: no answer token fits in max_length={self.max_length}")
+            raise SampleError(
+                "overlong", f"sample {sid!r}: no answer token fits in max_length={self.max_length}"
+            )
         return {
             "id": sid,
             "input_ids": torch.from_numpy(ids),
@@ -197,10 +236,20 @@ class SampleEncoder:
         counts, pixel_values = self.visual_inputs(meta, images)
         ids, _ = self._expand_images(ids, np.zeros_like(ids), len(counts), sid, counts)
         if len(ids) > self.max_length:
-            raise SampleError("overlong", f"sample {sid!r}: prompt of {len(ids)} tokens exceeds max_length={self.max_length}")
-        return {"id": sid, "input_ids": torch.from_numpy(ids), "pixel_values": pixel_values(len(counts)), "meta": meta}
+            raise SampleError(
+                "overlong",
+                f"sample {sid!r}: prompt of {len(ids)} tokens exceeds max_length={self.max_length}",
+            )
+        return {
+            "id": sid,
+            "input_ids": torch.from_numpy(ids),
+            "pixel_values": pixel_values(len(counts)),
+            "meta": meta,
+        }
 
-    def _label(self, text: str, spans: list[tuple[int, int]], sid: str) -> tuple[np.ndarray, np.ndarray]:
+    def _label(
+        self, text: str, spans: list[tuple[int, int]], sid: str
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize ``text`` once; a token is supervised iff it overlaps an assistant span.
 
         A supervised token that also covers non-space text outside the span, an answer
@@ -236,7 +285,9 @@ class SampleEncoder:
         for s, e in spans:
             for c in range(s, e):
                 if not covered[c] and text[c] not in _SPACE:
-                    raise TemplateMismatchError(f"sample {sid!r}: answer text at char {c} has no token")
+                    raise TemplateMismatchError(
+                        f"sample {sid!r}: answer text at char {c} has no token"
+                    )
         if self._stop_id is not None:
             start, end = offsets[:, 0], offsets[:, 1]
             for s, e in spans:

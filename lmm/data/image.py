@@ -4,6 +4,7 @@ Every PIL mode becomes 8-bit RGB (``to_rgb``), then the tower's ``ImageSpec`` de
 non-square image becomes its square input (``fit_square``: resize / pad / letterbox) and how
 pixels are normalised (``ImageTransform``).
 """
+
 from __future__ import annotations
 
 import io
@@ -13,9 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lmm.data.errors import SampleError
-from lmm.model.image_spec import PREPROCESS_MODES, ImageSpec
-from lmm.registry import ConfigError
+from lmm.errors import ConfigError, SampleError
+from lmm.visual.image_spec import PREPROCESS_MODES, ImageSpec
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
 
@@ -29,8 +29,27 @@ _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 # one, would run Ghostscript). JPEG covers multi-picture JPEGs (MPO) too.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # Pixel modes ``to_rgb`` converts (tested one by one); any other mode is skipped as image_mode.
-RGB_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
-                         "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+RGB_CONVERTIBLE_MODES = (
+    "1",
+    "L",
+    "LA",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "I",
+    "I;16",
+    "I;16L",
+    "I;16B",
+    "I;16N",
+    "F",
+)
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
@@ -52,13 +71,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
     except Image.DecompressionBombError as err:
         raise SampleError("image_too_large", str(err)) from None
     except UnidentifiedImageError:
-        raise SampleError("image_decode", f"not a readable {'/'.join(IMAGE_FORMATS)} image") from None
+        raise SampleError(
+            "image_decode", f"not a readable {'/'.join(IMAGE_FORMATS)} image"
+        ) from None
     except Exception as err:  # PIL raises many types for bad bytes
         raise SampleError("image_decode", f"unreadable image header ({err})") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise SampleError("image_too_large", f"{width}x{height} = {width * height:,} pixels, more than "
-                          f"data.max_image_pixels={max_pixels:,}")
+        raise SampleError(
+            "image_too_large",
+            f"{width}x{height} = {width * height:,} pixels, more than "
+            f"data.max_image_pixels={max_pixels:,}",
+        )
     if img.mode not in RGB_CONVERTIBLE_MODES:
         raise SampleError("image_mode", f"pixel mode {img.mode!r} has no conversion to RGB")
     try:
@@ -122,7 +146,9 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def fit_square(img: Image.Image, size: int, preprocess: str, fill: tuple[int, int, int]) -> Image.Image:
+def fit_square(
+    img: Image.Image, size: int, preprocess: str, fill: tuple[int, int, int]
+) -> Image.Image:
     """An RGB image -> ``size x size`` RGB by ``preprocess`` (see ``ImageSpec``).
 
     Padding is centred with the extra row/column at the bottom/right; resampling is bicubic
@@ -164,7 +190,12 @@ class ImageTransform:
 
     def prepare(self, img: Image.Image) -> Image.Image:
         """Any PIL image -> the ``size x size`` RGB image the tower sees (before normalisation)."""
-        return fit_square(to_rgb(img, background=self.spec.fill), self.spec.size, self.spec.preprocess, self.spec.fill)
+        return fit_square(
+            to_rgb(img, background=self.spec.fill),
+            self.spec.size,
+            self.spec.preprocess,
+            self.spec.fill,
+        )
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """Any PIL image -> ``[3, size, size]`` normalised float tensor."""
@@ -172,7 +203,12 @@ class ImageTransform:
 
     def normalise(self, rgb: Image.Image) -> torch.Tensor:
         """An RGB image already at the tower's size (e.g. an AnyRes crop) -> normalised tensor."""
-        x = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        x = (
+            torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
+            .permute(2, 0, 1)
+            .float()
+            .div_(255.0)
+        )
         return (x - self._mean) / self._std
 
     def blank(self) -> torch.Tensor:

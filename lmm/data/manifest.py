@@ -24,6 +24,7 @@ enough to group similar lengths; exact lengths are measured when a sample is enc
 Shards without such a manifest (e.g. the synthetic world's) are indexed by reading their tar
 headers (sample and image counts) and, only for length grouping, their json members.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lmm.constants import IMAGE_TOKEN
 from lmm.data.tarindex import TarSamples
 
 log = logging.getLogger("lmm")
@@ -45,7 +47,6 @@ FORMAT = "lmm-shards"
 VERSION = 1
 # English text through LLaMA/Vicuna-style BPE averages about 1.3 tokens per whitespace word.
 TOKENS_PER_WORD = 1.3
-IMAGE_TOKEN = "<image>"
 
 
 def conversation_text(conversations: Any) -> str:
@@ -79,8 +80,10 @@ def read_manifest(path: str | os.PathLike) -> Optional[dict[str, Any]]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return None
     if data.get("version") != VERSION:
-        raise ValueError(f"{path}: manifest version {data.get('version')!r}, this lmm reads version {VERSION}; "
-                         "re-run the converter")
+        raise ValueError(
+            f"{path}: manifest version {data.get('version')!r}, this lmm reads version {VERSION}; "
+            "re-run the converter"
+        )
     return data
 
 
@@ -100,18 +103,27 @@ def _from_manifest(url: str, entry: dict) -> ShardInfo:
     tokens = entry.get("tokens")
     tokens = None if tokens is None else np.asarray(tokens, dtype=np.int32)
     if len(images) != n or (tokens is not None and len(tokens) != n):
-        raise ValueError(f"{url}: manifest lists {n} samples but {len(images)} image counts / "
-                         f"{None if tokens is None else len(tokens)} token counts; re-run the converter")
+        raise ValueError(
+            f"{url}: manifest lists {n} samples but {len(images)} image counts / "
+            f"{None if tokens is None else len(tokens)} token counts; re-run the converter"
+        )
     return ShardInfo(url, n, images, tokens)
 
 
 def scan_shard(url: str, need_tokens: bool) -> ShardInfo:
     """Index a shard that no manifest describes, from its tar headers (and json members)."""
-    from lmm.data.image import IMAGE_EXTENSIONS  # here: converters import this module without torch
+    from lmm.data.image import (
+        IMAGE_EXTENSIONS,  # here: converters import this module without torch
+    )
 
     tar = TarSamples(url)
-    images = np.asarray([sum(e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for e in tar.extensions(i))
-                         for i in range(len(tar))], dtype=np.int32)
+    images = np.asarray(
+        [
+            sum(e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for e in tar.extensions(i))
+            for i in range(len(tar))
+        ],
+        dtype=np.int32,
+    )
     tokens = None
     if need_tokens:
         counts = []

@@ -16,6 +16,7 @@ The plan of an epoch is a pure function of (shard index, weights, seed, epoch):
 
 A position in the epoch is then just "batches consumed", which is what the DataModule saves.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,7 +52,9 @@ class ShardSet:
         return [self.shards] if isinstance(self.shards, str) else list(self.shards)
 
 
-def as_shard_sets(train: list[Union[str, ShardSet, dict]], option: str = "data.train") -> list[ShardSet]:
+def as_shard_sets(
+    train: list[Union[str, ShardSet, dict]], option: str = "data.train"
+) -> list[ShardSet]:
     """The config's ``train`` list -> shard sets; a plain pattern is a set of weight 1."""
     sets = []
     for i, item in enumerate(train):
@@ -60,10 +63,14 @@ def as_shard_sets(train: list[Union[str, ShardSet, dict]], option: str = "data.t
         elif isinstance(item, dict):
             unknown = set(item) - {"shards", "weight", "name"}
             if unknown or "shards" not in item:
-                raise ValueError(f"{option}[{i}]: expected {{shards, weight?, name?}}, got keys {sorted(item)}")
+                raise ValueError(
+                    f"{option}[{i}]: expected {{shards, weight?, name?}}, got keys {sorted(item)}"
+                )
             item = ShardSet(**item)
         if not isinstance(item, ShardSet):
-            raise ValueError(f"{option}[{i}]: expected a shard pattern or {{shards, weight}}, got {item!r:.80}")
+            raise ValueError(
+                f"{option}[{i}]: expected a shard pattern or {{shards, weight}}, got {item!r:.80}"
+            )
         if not item.weight >= 0:
             raise ValueError(f"{option}[{i}].weight must be >= 0, got {item.weight}")
         sets.append(item)
@@ -81,7 +88,9 @@ class MixIndex:
     Samples are addressed by a global id: ``offsets[shard] + position in the shard``.
     """
 
-    def __init__(self, sets: list[ShardSet], *, need_tokens: bool = False, option: str = "data.train") -> None:
+    def __init__(
+        self, sets: list[ShardSet], *, need_tokens: bool = False, option: str = "data.train"
+    ) -> None:
         if not sets:
             raise ValueError(f"{option}: no training shards configured")
         self.names: list[str] = []
@@ -105,8 +114,9 @@ class MixIndex:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.source = np.asarray(source, dtype=np.int64)
         self.images = np.concatenate([info.images for info in infos] or [np.zeros(0, np.int32)])
-        self.tokens = (np.concatenate([info.tokens for info in infos])
-                       if need_tokens and infos else None)
+        self.tokens = (
+            np.concatenate([info.tokens for info in infos]) if need_tokens and infos else None
+        )
         for i, name in enumerate(self.names):
             if self.weights[i] > 0 and self.counts[self.source == i].sum() == 0:
                 raise ValueError(f"{option}[{i}] ({name}): its shards hold no samples")
@@ -131,7 +141,12 @@ class MixIndex:
 
     def fingerprint(self) -> str:
         """Identifies the mix (shard names, counts, weights), not where the files live."""
-        desc = [[u.rsplit("/", 1)[-1] for u in self.urls], self.counts.tolist(), self.source.tolist(), self.weights]
+        desc = [
+            [u.rsplit("/", 1)[-1] for u in self.urls],
+            self.counts.tolist(),
+            self.source.tolist(),
+            self.weights,
+        ]
         return hashlib.sha1(json.dumps(desc).encode()).hexdigest()[:16]
 
     # -- the plan -----------------------------------------------------------------------------
@@ -146,13 +161,19 @@ class MixIndex:
             subset: Optional[np.ndarray] = None
             passes = whole + (1 if frac > 0 else 0)
             for r in range(passes):
-                if r == whole:  # the fractional pass: exactly round(frac * n) samples, new each epoch
+                if (
+                    r == whole
+                ):  # the fractional pass: exactly round(frac * n) samples, new each epoch
                     subset = np.zeros(n, dtype=bool)
                     subset[_rng(seed, epoch, s, r, 1).permutation(n)[: int(round(frac * n))]] = True
                 local = 0
                 for k in shards:
                     count = int(self.counts[k])
-                    ids = _rng(seed, epoch, s, r, 2, k).permutation(count) if shuffle else np.arange(count)
+                    ids = (
+                        _rng(seed, epoch, s, r, 2, k).permutation(count)
+                        if shuffle
+                        else np.arange(count)
+                    )
                     if subset is not None:
                         ids = ids[subset[local + ids]]
                     local += count
@@ -189,17 +210,39 @@ class MixIndex:
     def lengths(self, image_tokens: int) -> np.ndarray:
         """Sequence length per sample: text tokens + images x tokens per image."""
         if self.tokens is None:
-            raise ValueError("length grouping needs token counts (MixIndex built with need_tokens=True)")
+            raise ValueError(
+                "length grouping needs token counts (MixIndex built with need_tokens=True)"
+            )
         return self.tokens.astype(np.int64) + self.images.astype(np.int64) * image_tokens
 
-    def _group(self, ids: np.ndarray, epoch: int, seed: int, rank: int, batch_size: int, window: int,
-               image_tokens: int) -> np.ndarray:
-        return group_by_length(ids, self.lengths(image_tokens), self.images > 0, batch_size, window,
-                               lambda w, n: _rng(seed, epoch, rank, w, 4).permutation(n))
+    def _group(
+        self,
+        ids: np.ndarray,
+        epoch: int,
+        seed: int,
+        rank: int,
+        batch_size: int,
+        window: int,
+        image_tokens: int,
+    ) -> np.ndarray:
+        return group_by_length(
+            ids,
+            self.lengths(image_tokens),
+            self.images > 0,
+            batch_size,
+            window,
+            lambda w, n: _rng(seed, epoch, rank, w, 4).permutation(n),
+        )
 
 
-def group_by_length(ids: np.ndarray, lengths: np.ndarray, has_image: np.ndarray, batch_size: int, window: int,
-                    permutation: Callable[[int, int], np.ndarray]) -> np.ndarray:
+def group_by_length(
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    has_image: np.ndarray,
+    batch_size: int,
+    window: int,
+    permutation: Callable[[int, int], np.ndarray],
+) -> np.ndarray:
     """``ids`` reordered so each batch holds samples of one modality and similar length:
     within each window of ``window x batch_size`` samples, sort by (modality, length), cut
     into batches and put the window's batches in the order ``permutation(w, n_batches)``.
@@ -218,7 +261,10 @@ def group_by_length(ids: np.ndarray, lengths: np.ndarray, has_image: np.ndarray,
 def describe_mix(index: MixIndex, batch_size: int, world_size: int) -> dict[str, Any]:
     """A summary for logs: per-set samples and epoch size."""
     return {
-        "sets": {name: {"samples": index.source_size(i), "weight": index.weights[i]} for i, name in enumerate(index.names)},
+        "sets": {
+            name: {"samples": index.source_size(i), "weight": index.weights[i]}
+            for i, name in enumerate(index.names)
+        },
         "samples_per_epoch": index.epoch_size(),
         "batches_per_rank": index.batches_per_rank(batch_size, world_size),
     }

@@ -4,14 +4,16 @@ Each sample keeps its own positions (restarting at 0) and its own causal attenti
 (the model derives the blocks from where the position ids restart), so a packed batch gives
 every sample the same loss as a padded one while computing far fewer padding tokens.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from lmm.data.collate import IGNORE_INDEX, collate
-from lmm.model.image_batch import cat_pixels
+from lmm.constants import IGNORE_INDEX
+from lmm.data.collate import collate
+from lmm.visual.image_batch import cat_pixels
 
 
 def assign_rows(lengths: list[int], budget: int) -> list[list[int]]:

@@ -1,19 +1,18 @@
 """The bad-sample rate: single bad samples are skipped and counted (``lmm.data.errors``), but a
 stage that skips too large a share of its samples is reading broken data and stops."""
+
 from __future__ import annotations
 
 import logging
 from collections import Counter
 from typing import Any
 
+from lmm.errors import BadDataError
+
 log = logging.getLogger("lmm")
 
 # Skip messages logged (and kept for the report) per reason; the rest are only counted.
 EXAMPLES_PER_REASON = 3
-
-
-class BadDataError(RuntimeError):
-    """More samples were skipped than ``data.max_bad_fraction`` allows."""
 
 
 class BadSampleMonitor:
@@ -53,8 +52,10 @@ class BadSampleMonitor:
         for reason, n in self.skipped.most_common():
             lines.append(f"  {reason}: {n}")
             lines += [f"    e.g. {message}" for message in self.examples.get(reason, [])]
-        lines.append("Fix or drop these samples (the data_prep converters check every record and report what they "
-                     "leave out), or raise data.max_bad_fraction.")
+        lines.append(
+            "Fix or drop these samples (the data_prep converters check every record and report what they "
+            "leave out), or raise data.max_bad_fraction."
+        )
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Two streams:
 * :class:`ShardStream` (validation/test, or any sequential read): streams shards front to
   back with webdataset, optionally through a shuffle buffer.
 """
+
 from __future__ import annotations
 
 import glob
@@ -23,8 +24,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lmm.data.errors import SampleError
 from lmm.data.tarindex import TarSamples
+from lmm.errors import SampleError
 
 
 def expand_shards(patterns: list[str], option: str) -> list[str]:
@@ -36,12 +37,16 @@ def expand_shards(patterns: list[str], option: str) -> list[str]:
             found += sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
         found = [u for u in found if "://" in u or os.path.exists(u)]
         if not found:
-            raise FileNotFoundError(f"{option}: no shard matches {pattern!r} (run data preparation first?)")
+            raise FileNotFoundError(
+                f"{option}: no shard matches {pattern!r} (run data preparation first?)"
+            )
         urls += found
     return urls
 
 
-def shard_slice(urls: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+def shard_slice(
+    urls: list[str], rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
     """This (rank, worker)'s disjoint share of the shard list."""
     return urls[rank::world_size][worker::num_workers]
 
@@ -186,7 +191,7 @@ def _leave_sigterm_to_main(worker_id: int) -> None:
     """A worker ends on a SIGTERM from its main process (the DataLoader's shutdown, as PyTorch's
     own worker handler does) and ignores one from anyone else: a scheduler that signals every
     process of a job (SLURM) must not kill it, which PyTorch would turn into an error in the
-    main process before that has written its final checkpoint (``lmm.fault``). Python handlers
+    main process before that has written its final checkpoint (``lmm.train.fault_tolerance``). Python handlers
     do not see the sender, so a thread waits for the signal instead."""
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
@@ -225,7 +230,9 @@ class _Readers:
         if isinstance(tar, OSError):
             raise tar
         if member >= len(tar):
-            raise OSError(f"{tar.path}: sample {member} missing ({tar.error or 'fewer samples than its manifest lists'})")
+            raise OSError(
+                f"{tar.path}: sample {member} missing ({tar.error or 'fewer samples than its manifest lists'})"
+            )
         return tar.read(member)
 
     def close(self) -> None:
@@ -289,8 +296,14 @@ class PlannedStream(IterableDataset):
     def plan(self, epoch: int) -> Any:
         """``[len(self), batch_size]`` global sample ids of this rank's batches in ``epoch``."""
         return self.index.rank_plan(
-            epoch, self.seed, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
-            shuffle=self.shuffle, group_window=self.group_window, image_tokens=self.image_tokens,
+            epoch,
+            self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            group_window=self.group_window,
+            image_tokens=self.image_tokens,
         )
 
     def __iter__(self) -> Iterator[dict]:
@@ -361,11 +374,22 @@ class ResumableLoader(DataLoader):
     trained (it runs the next epoch number empty), and the data must not skip that epoch.
     """
 
-    def __init__(self, stream: PlannedStream, num_workers: int, epoch_fn: Callable[[], int | None] | None = None,
-                 state: Any = None) -> None:
-        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                         pin_memory=torch.cuda.is_available(), generator=_own_generator(),
-                         worker_init_fn=_leave_sigterm_to_main)
+    def __init__(
+        self,
+        stream: PlannedStream,
+        num_workers: int,
+        epoch_fn: Callable[[], int | None] | None = None,
+        state: Any = None,
+    ) -> None:
+        super().__init__(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            generator=_own_generator(),
+            worker_init_fn=_leave_sigterm_to_main,
+        )
         self.epoch_fn = epoch_fn
         self.state = state
         self.resume: tuple[int, int] | None = None

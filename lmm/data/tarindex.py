@@ -9,6 +9,7 @@ Samples are grouped exactly as webdataset groups them: consecutive members shari
 where the key is the member path up to the first dot of its file name and the rest is the
 extension (``dir/0001.000.jpg`` -> key ``dir/0001``, extension ``000.jpg``).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from lmm.errors import ShardFormatError
+
 _GZIP_MAGIC = b"\x1f\x8b"
-
-
-class ShardFormatError(ValueError):
-    """A shard that cannot be indexed for random access (e.g. compressed)."""
 
 
 def split_member(name: str) -> tuple[str, str] | None:
@@ -163,7 +162,9 @@ def _scan(path: str, size: int) -> list[tuple[str, int, int]]:
             if len(header) < 512 or header == bytes(512):
                 if len(header) and header != bytes(512):
                     out.error = "cut off inside a header (truncated shard)"
-                elif not header:  # a tar ends with zero blocks; a copy cut at a block boundary lacks them
+                elif (
+                    not header
+                ):  # a tar ends with zero blocks; a copy cut at a block boundary lacks them
                     out.error = "ends without the end-of-archive blocks (truncated shard)"
                 break  # end of archive (or of what is left of it)
             headers.append(header)
@@ -173,11 +174,15 @@ def _scan(path: str, size: int) -> list[tuple[str, int, int]]:
             data = offset + 512
             offset = data + (length + 511) // 512 * 512
             if kind in (b"L", b"x"):
-                if length > min(size - data, 1 << 20):  # a damaged length must not decide how much is read
+                if length > min(
+                    size - data, 1 << 20
+                ):  # a damaged length must not decide how much is read
                     raise _Unusual
                 f.seek(data)
                 payload = f.read(length)
-                long_name = (payload.rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(payload)) or long_name
+                long_name = (
+                    payload.rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(payload)
+                ) or long_name
                 continue
             if kind not in (b"0", b"\0", b"7", b"5", b"1", b"2", b"g"):
                 raise _Unusual
@@ -185,7 +190,9 @@ def _scan(path: str, size: int) -> list[tuple[str, int, int]]:
                 name = long_name
                 if name is None:
                     name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-                    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+                    prefix = (
+                        header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+                    )
                     if prefix:
                         name = prefix.decode("utf-8") + "/" + name
                 out.append((name, data, length))

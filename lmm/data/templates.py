@@ -8,25 +8,24 @@ with each family's end-of-turn (``vicuna`` = eos, for Llama; ``phi`` for Phi-2 a
 ``gemma``; ``qwen2_base``; ``qwen2_instruct``), ``chatml`` (Qwen2-Instruct) and ``tokenizer``
 (the tokenizer's own chat template).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from lmm.data.errors import TemplateMismatchError
+from lmm.constants import IMAGE_TOKEN
+from lmm.errors import ConversationError, NoAssistantTurnError, TemplateMismatchError
 from lmm.registry import Registry
 
-IMAGE_TOKEN = "<image>"
 Role = Literal["system", "user", "assistant"]
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class ConversationError(ValueError):
-    """A conversation does not have the LLaVA schema or the turn structure a template needs."""
-
-
-class NoAssistantTurnError(ConversationError):
-    """A training conversation without any answer to learn from."""
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass(frozen=True)
@@ -45,14 +44,22 @@ def parse_conversation(conversations: object) -> list[Turn]:
         raise ConversationError("'conversations' must be a non-empty list")
     turns = []
     for i, msg in enumerate(conversations):
-        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str) or msg.get("from") not in _ROLES:
-            raise ConversationError(f"turn {i} must be {{'from': human|gpt|system, 'value': str}}, got {msg!r:.80}")
+        if (
+            not isinstance(msg, dict)
+            or not isinstance(msg.get("value"), str)
+            or msg.get("from") not in _ROLES
+        ):
+            raise ConversationError(
+                f"turn {i} must be {{'from': human|gpt|system, 'value': str}}, got {msg!r:.80}"
+            )
         turns.append(Turn(_ROLES[msg["from"]], msg["value"]))
     body = turns[1:] if turns[0].role == "system" else turns
     for i, turn in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if turn.role != expected:
-            raise ConversationError(f"turn {i} is {turn.role!r}, expected {expected!r} (turns must alternate)")
+            raise ConversationError(
+                f"turn {i} is {turn.role!r}, expected {expected!r} (turns must alternate)"
+            )
     return turns
 
 
@@ -101,7 +108,9 @@ class Template:
             )
         return self
 
-    def render(self, turns: list[Turn], eos: str, add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    def render(
+        self, turns: list[Turn], eos: str, add_generation_prompt: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
         """Render ``turns``; returns the text and the ``[start, end)`` spans to supervise."""
         parts: list[str] = []
         spans: list[tuple[int, int]] = []
@@ -119,11 +128,18 @@ class Template:
             emit(self.system_format.format(text=system))
         for turn in turns:
             if turn.role == "user":
-                text = IMAGE_TOKEN * turn.text.count(IMAGE_TOKEN) if self.images_only_prompt else turn.text
+                text = (
+                    IMAGE_TOKEN * turn.text.count(IMAGE_TOKEN)
+                    if self.images_only_prompt
+                    else turn.text
+                )
                 emit(self.user_format.format(text=text))
                 emit(self.assistant_open)
             elif turn.role == "assistant":
-                emit(self.answer_prefix + turn.text + self.end_of_turn.format(eos=eos), supervised=True)
+                emit(
+                    self.answer_prefix + turn.text + self.end_of_turn.format(eos=eos),
+                    supervised=True,
+                )
                 emit(self.after_turn)
         _check_roles(spans, turns, add_generation_prompt)
         return "".join(parts), spans
@@ -132,7 +148,9 @@ class Template:
         return self.end_of_turn.format(eos=eos)
 
 
-def _check_roles(spans: list[tuple[int, int]], turns: list[Turn], add_generation_prompt: bool) -> None:
+def _check_roles(
+    spans: list[tuple[int, int]], turns: list[Turn], add_generation_prompt: bool
+) -> None:
     if not add_generation_prompt and not spans:
         raise NoAssistantTurnError("conversation has no assistant turn to learn from")
     if add_generation_prompt and (not turns or turns[-1].role != "user"):
@@ -144,7 +162,12 @@ def _tokenizer_name(tokenizer: Any) -> str:
 
 
 # Two probe conversations: the end-of-turn of a chat template is what follows each answer.
-_PROBE = [Turn("user", "Is it red?"), Turn("assistant", "yes"), Turn("user", "And now?"), Turn("assistant", "no")]
+_PROBE = [
+    Turn("user", "Is it red?"),
+    Turn("assistant", "yes"),
+    Turn("user", "And now?"),
+    Turn("assistant", "no"),
+]
 
 
 @dataclass(frozen=True)
@@ -185,7 +208,9 @@ class TokenizerChatTemplate(Template):
         bound = replace(self, tokenizer=tokenizer, drop_bos=adds_bos)
         text, spans = bound.render(_PROBE, tokenizer.eos_token)
         answers = [t.text for t in _PROBE if t.role == "assistant"]
-        ends = {text[s:e][text[s:e].find(a) + len(a):].strip() for (s, e), a in zip(spans, answers)}
+        ends = {
+            text[s:e][text[s:e].find(a) + len(a) :].strip() for (s, e), a in zip(spans, answers)
+        }
         if len(ends) != 1 or not next(iter(ends)):
             raise TemplateMismatchError(
                 f"data.template: template {self.name!r}: the chat template of {_tokenizer_name(tokenizer)!r} "
@@ -205,17 +230,27 @@ class TokenizerChatTemplate(Template):
         from jinja2 import TemplateError
 
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-        except TemplateError as err:  # the template's own raise_exception, e.g. "System role not supported"
-            raise ConversationError(f"the tokenizer's chat template (template {self.name!r}) rejected the conversation: {err}") from None
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation
+            )
+        except (
+            TemplateError
+        ) as err:  # the template's own raise_exception, e.g. "System role not supported"
+            raise ConversationError(
+                f"the tokenizer's chat template (template {self.name!r}) rejected the conversation: {err}"
+            ) from None
         bos = self.tokenizer.bos_token
         if self.drop_bos and text.startswith(bos):
-            text = text[len(bos):]
+            text = text[len(bos) :]
         return text
 
-    def render(self, turns: list[Turn], eos: str, add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    def render(
+        self, turns: list[Turn], eos: str, add_generation_prompt: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
         if self.tokenizer is None:
-            raise RuntimeError(f"template {self.name!r} must be bound to a tokenizer first: template.bind(tokenizer)")
+            raise RuntimeError(
+                f"template {self.name!r} must be bound to a tokenizer first: template.bind(tokenizer)"
+            )
         messages = [{"role": t.role, "content": t.text} for t in turns]
         if self.system and (not turns or turns[0].role != "system"):
             messages.insert(0, {"role": "system", "content": self.system})
@@ -227,15 +262,19 @@ class TokenizerChatTemplate(Template):
             before = self._chat(messages[:k], generation=True)
             through = self._chat(messages[: k + 1], generation=False)
             n = len(spans) + 1
-            checks = ((before, through, f"the turns before answer {n}", f"the turns through answer {n}"),
-                      (through, full, f"the turns through answer {n}", "the whole conversation"))
+            checks = (
+                (before, through, f"the turns before answer {n}", f"the turns through answer {n}"),
+                (through, full, f"the turns through answer {n}", "the whole conversation"),
+            )
             for shorter, longer, short_name, long_name in checks:
                 if not longer.startswith(shorter):
-                    at = next((i for i, (a, b) in enumerate(zip(shorter, longer)) if a != b), len(longer))
+                    at = next(
+                        (i for i, (a, b) in enumerate(zip(shorter, longer)) if a != b), len(longer)
+                    )
                     raise TemplateMismatchError(
                         f"template {self.name!r}: the tokenizer's chat template is not prefix-stable: its rendering "
                         f"of {short_name} is not a prefix of its rendering of {long_name} (they differ at char {at}: "
-                        f"{shorter[at:at + 20]!r} vs {longer[at:at + 20]!r}), so the answer cannot be located; "
+                        f"{shorter[at : at + 20]!r} vs {longer[at : at + 20]!r}), so the answer cannot be located; "
                         "use a named template instead"
                     )
             start, end = len(before), len(through.rstrip())
@@ -301,3 +340,15 @@ TEMPLATES.add("tokenizer", TokenizerChatTemplate(name="tokenizer"))
 
 def get_template(name: str) -> Template:
     return TEMPLATES.get(name, option="data.template")
+
+
+def stop_token_ids(tokenizer, template: Template) -> list[int]:
+    """The template's end-of-turn token id (besides eos), e.g. ``<|im_end|>`` for ChatML.
+
+    The template is bound to ``tokenizer`` here (binding a bound template is harmless), since
+    only a bound ``tokenizer`` template knows its end-of-turn (e.g. Gemma-it's ``<end_of_turn>``);
+    unbound it would give eos alone."""
+    stop = template.bind(tokenizer).stop_string(tokenizer.eos_token)
+    if stop and stop != tokenizer.eos_token and stop in tokenizer.get_vocab():
+        return [tokenizer.convert_tokens_to_ids(stop)]
+    return []

@@ -7,16 +7,17 @@ when the model sets ``model.vision.anyres`` or ``model.vision.video``.
   (member-name order) behind a single ``<image>``; more than ``max_frames`` are sampled
   uniformly.
 """
+
 from __future__ import annotations
 
 import torch
 from PIL import Image
 
-from lmm.data.errors import SampleError
 from lmm.data.image import ImageTransform, to_rgb
-from lmm.model.anyres import anyres_map, fit_in_canvas
-from lmm.model.video import frame_indices
-from lmm.model.visual_layout import Visual, VisualLayout
+from lmm.errors import SampleError
+from lmm.visual.anyres import anyres_map, fit_in_canvas
+from lmm.visual.layout import Visual, VisualLayout
+from lmm.visual.video import frame_indices
 
 MODALITIES: tuple[str, ...] = ("image", "video")
 
@@ -25,15 +26,23 @@ def modality_of(meta: dict) -> str:
     """The sample's json ``modality`` (default ``image``), checked."""
     modality = meta.get("modality", "image")
     if modality not in MODALITIES:
-        raise SampleError("malformed", f"sample {meta['id']!r}: unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
+        raise SampleError(
+            "malformed",
+            f"sample {meta['id']!r}: unknown modality {modality!r}; known: {', '.join(MODALITIES)}",
+        )
     return modality
 
 
 def video_unsupported(meta: dict) -> SampleError:
-    return SampleError("malformed", f"sample {meta['id']!r} is a video (json modality) but model.vision.video is not set")
+    return SampleError(
+        "malformed",
+        f"sample {meta['id']!r} is a video (json modality) but model.vision.video is not set",
+    )
 
 
-def placeholders(meta: dict, images: list[Image.Image], layout: VisualLayout) -> list[tuple[Visual, list[Image.Image]]]:
+def placeholders(
+    meta: dict, images: list[Image.Image], layout: VisualLayout
+) -> list[tuple[Visual, list[Image.Image]]]:
     """Each ``<image>`` placeholder's :class:`Visual` and its images (a video: the kept frames)."""
     if modality_of(meta) == "video":
         if layout.video is None:
@@ -46,18 +55,29 @@ def placeholders(meta: dict, images: list[Image.Image], layout: VisualLayout) ->
     return [(Visual(kind, *img.size), [img]) for img in images]
 
 
-def anyres_crops(img: Image.Image, grid: tuple[int, int], tile: int, fill: tuple[int, int, int]) -> list[Image.Image]:
+def anyres_crops(
+    img: Image.Image, grid: tuple[int, int], tile: int, fill: tuple[int, int, int]
+) -> list[Image.Image]:
     """An RGB image resized into the grid's canvas (aspect kept, centred on ``fill``), cut into
     ``tile x tile`` crops, row-major."""
     rows, cols = grid
     new_w, new_h, left, top = fit_in_canvas(img.width, img.height, cols * tile, rows * tile)
     canvas = Image.new("RGB", (cols * tile, rows * tile), fill)
     canvas.paste(img.resize((new_w, new_h), Image.Resampling.BICUBIC), (left, top))
-    return [canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    return [
+        canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+        for r in range(rows)
+        for c in range(cols)
+    ]
 
 
-def tiles(v: Visual, images: list[Image.Image], layout: VisualLayout, transform: ImageTransform,
-          blank: bool = False) -> torch.Tensor:
+def tiles(
+    v: Visual,
+    images: list[Image.Image],
+    layout: VisualLayout,
+    transform: ImageTransform,
+    blank: bool = False,
+) -> torch.Tensor:
     """``[layout.tiles(v), 3, S, S]``: the tower inputs of one placeholder."""
     if blank:
         return torch.stack([transform.blank() for _ in range(layout.tiles(v))])

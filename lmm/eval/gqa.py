@@ -19,6 +19,7 @@ breakdowns that need only the annotation: per structural type, per semantic
 type, and binary (structural ``verify``/``logical``/``compare``/``choose``)
 vs open (structural ``query``).  Missing predictions are wrong.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from lmm.eval import (
-    AnnotationError,
+from lmm.errors import AnnotationError
+from lmm.eval.predictions import (
     match_predictions,
     read_json_or_jsonl,
     read_predictions,
@@ -88,12 +89,14 @@ def load_annotations(path: str | Path) -> GQAAnnotations:
             out.excluded_unbalanced += 1
             continue
         types = rec.get("types") or rec.get("type") or {}
-        out.questions.append(GQAQuestion(
-            question_id=str(qid),
-            answer=str(rec["answer"]),
-            structural=types.get("structural"),
-            semantic=types.get("semantic"),
-        ))
+        out.questions.append(
+            GQAQuestion(
+                question_id=str(qid),
+                answer=str(rec["answer"]),
+                structural=types.get("structural"),
+                semantic=types.get("semantic"),
+            )
+        )
     if len({q.question_id for q in out.questions}) != len(out.questions):
         raise AnnotationError(f"{path}: repeated question id")
     return out
@@ -106,7 +109,9 @@ def _mean_by(groups: dict[str, list[float]]) -> dict[str, float]:
 def evaluate(ann: GQAAnnotations, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Score prediction records (``question_id``, ``text``)."""
     ids = {q.question_id for q in ann.questions}
-    match = match_predictions(records, lambda r: str(r["question_id"]) if str(r["question_id"]) in ids else None)
+    match = match_predictions(
+        records, lambda r: str(r["question_id"]) if str(r["question_id"]) in ids else None
+    )
     scores = []
     structural: dict[str, list[float]] = defaultdict(list)
     semantic: dict[str, list[float]] = defaultdict(list)
@@ -130,5 +135,9 @@ def evaluate(ann: GQAAnnotations, records: Iterable[dict[str, Any]]) -> dict[str
     if semantic:
         out["accuracy_per_semantic_type"] = _mean_by(semantic)
     out["excluded_unbalanced"] = ann.excluded_unbalanced
-    out.update(report_counts([q.question_id for q in ann.questions if q.question_id not in match.by_key], match))
+    out.update(
+        report_counts(
+            [q.question_id for q in ann.questions if q.question_id not in match.by_key], match
+        )
+    )
     return out

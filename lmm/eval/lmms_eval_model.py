@@ -29,6 +29,7 @@ returns the summed log-probability of the continuation after the templated promp
 answer prefix of the template included, e.g. vicuna's space) and whether greedy decoding
 would produce it.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,7 +70,9 @@ def _images(visuals: Any) -> list:
         flat.extend(v if isinstance(v, (list, tuple)) else [v])
     for v in flat:
         if not isinstance(v, Image.Image):
-            raise ValueError(f"lmm answers about images; this task gives {type(v).__name__} visuals (video/audio?)")
+            raise ValueError(
+                f"lmm answers about images; this task gives {type(v).__name__} visuals (video/audio?)"
+            )
     return flat
 
 
@@ -91,10 +94,12 @@ class LMMEvalModel(_LMMSBase):
     ) -> None:
         super().__init__()
         if unknown:
-            raise ValueError(f"lmm model_args: unknown option(s) {sorted(unknown)}; known: ckpt, dtype, max_new_tokens, max_length")
+            raise ValueError(
+                f"lmm model_args: unknown option(s) {sorted(unknown)}; known: ckpt, dtype, max_new_tokens, max_length"
+            )
         import torch
 
-        from lmm.predict import Predictor, load_for_inference
+        from lmm.inference.predictor import Predictor, load_for_inference
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:
@@ -105,7 +110,9 @@ class LMMEvalModel(_LMMSBase):
             batch_size = 16  # no automatic search: a fixed, documented default
         self.batch_size_per_gpu = int(batch_size)
         if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"lmm model_args: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+            raise ValueError(
+                f"lmm model_args: dtype must be float32, bfloat16 or float16, got {dtype!r}"
+            )
         self.checkpoint = load_for_inference(ckpt, device, dtype)
         self.predictor = Predictor.from_checkpoint(self.checkpoint, self.batch_size_per_gpu)
         if max_length is not None:
@@ -137,8 +144,10 @@ class LMMEvalModel(_LMMSBase):
         try:
             return self.task_dict[task][split][doc_id]
         except (KeyError, IndexError, TypeError):
-            raise KeyError(f"lmms-eval request for {task}/{split}/{doc_id}: the document is not in model.task_dict "
-                           "(lmms-eval fills it before calling the model)") from None
+            raise KeyError(
+                f"lmms-eval request for {task}/{split}/{doc_id}: the document is not in model.task_dict "
+                "(lmms-eval fills it before calling the model)"
+            ) from None
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
         if doc_to_visual is None:
@@ -166,7 +175,7 @@ class LMMEvalModel(_LMMSBase):
 
     def generate_until(self, requests) -> list[str]:
         """Answers for ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)`` requests, in order."""
-        from lmm.data.errors import SampleError
+        from lmm.errors import SampleError
 
         results: list[Optional[str]] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -182,8 +191,13 @@ class LMMEvalModel(_LMMSBase):
             for i in idx:
                 context, _, doc_to_visual, doc_id, task, split = requests[i].args
                 try:
-                    samples.append(self.predictor.encode_question(context, self._visuals(doc_to_visual, task, split, doc_id),
-                                                                  f"{task}/{doc_id}"))
+                    samples.append(
+                        self.predictor.encode_question(
+                            context,
+                            self._visuals(doc_to_visual, task, split, doc_id),
+                            f"{task}/{doc_id}",
+                        )
+                    )
                     ok.append(i)
                 except (SampleError, ValueError) as err:
                     log.warning("lmm: no answer for %s/%s: %s", task, doc_id, err)
@@ -203,12 +217,14 @@ class LMMEvalModel(_LMMSBase):
         from lmm.data.templates import parse_conversation
 
         tok, template = self.tokenizer, self.predictor.template
-        prompt, _ = template.render(parse_conversation(turns), tok.eos_token, add_generation_prompt=True)
+        prompt, _ = template.render(
+            parse_conversation(turns), tok.eos_token, add_generation_prompt=True
+        )
         text = getattr(template, "answer_prefix", "") + continuation
         p_ids = tok(prompt)["input_ids"]
         w_ids = tok(prompt + text)["input_ids"]
         if w_ids[: len(p_ids)] == p_ids:  # tokenized together, as the model saw answers in training
-            return w_ids[len(p_ids):]
+            return w_ids[len(p_ids) :]
         return tok(text, add_special_tokens=False)["input_ids"]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -217,20 +233,26 @@ class LMMEvalModel(_LMMSBase):
         import torch
 
         from lmm.data.collate import collate
-        from lmm.predict import user_turn
+        from lmm.inference.predictor import user_turn
 
         model = self.predictor.model
         items = []
         for req in requests:
             context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
-            target = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(self._doc(task, split, doc_id))
+            target = (
+                doc_to_target
+                if isinstance(doc_to_target, str)
+                else doc_to_target(self._doc(task, split, doc_id))
+            )
             images = self._visuals(doc_to_visual, task, split, doc_id)
             turns = [{"from": "human", "value": user_turn(context, len(images))}]
             prompt = self.predictor.encode(turns, images, f"{task}/{doc_id}")
             cont = torch.tensor(self._continuation_ids(turns, str(target)), dtype=torch.long)
             if len(cont) == 0:
                 raise ValueError(f"lmms-eval request {task}/{doc_id}: empty continuation")
-            items.append({**prompt, "input_ids": torch.cat([prompt["input_ids"], cont]), "n_cont": len(cont)})
+            items.append(
+                {**prompt, "input_ids": torch.cat([prompt["input_ids"], cont]), "n_cont": len(cont)}
+            )
         out: list[tuple[float, bool]] = []
         dev = self.device
         for start in range(0, len(items), self.batch_size):
@@ -239,7 +261,9 @@ class LMMEvalModel(_LMMSBase):
             batch = collate(chunk, pad_id=self.tokenizer.pad_token_id, left=False)
             with torch.no_grad():
                 embeds = model.embed(batch["input_ids"].to(dev), batch["pixel_values"].to(dev))
-                logits = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(dev)).logits.float()
+                logits = model.llm(
+                    inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(dev)
+                ).logits.float()
             for row, item in enumerate(chunk):
                 n, total = item["n_cont"], len(item["input_ids"])
                 targets = item["input_ids"][total - n :].to(dev)
@@ -250,7 +274,9 @@ class LMMEvalModel(_LMMSBase):
         return out
 
     def generate_until_multi_round(self, requests) -> list[str]:
-        raise NotImplementedError("lmm's lmms-eval adapter answers single-round requests (generate_until)")
+        raise NotImplementedError(
+            "lmm's lmms-eval adapter answers single-round requests (generate_until)"
+        )
 
 
 def manifest():
@@ -272,7 +298,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         from lmms_eval.__main__ import cli_evaluate
     except ImportError as err:
-        print(f"error: lmms-eval or one of its dependencies is missing ({err}); pip install lmms-eval", file=sys.stderr)
+        print(
+            f"error: lmms-eval or one of its dependencies is missing ({err}); pip install lmms-eval",
+            file=sys.stderr,
+        )
         return 2
     register()
     sys.argv = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)

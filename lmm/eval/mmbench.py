@@ -39,6 +39,7 @@ first presentation of each question only: lowest index, round 0), per
 ``category`` and ``l2-category`` circular accuracy, ``n`` (questions) and
 ``n_presentations``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from lmm.eval import (
-    AnnotationError,
+from lmm.errors import AnnotationError
+from lmm.eval.predictions import (
     match_predictions,
     read_json_or_jsonl,
     read_predictions,
@@ -78,13 +79,16 @@ _OPTION_COLUMNS = "ABCDEFGH"
 
 
 def _is_none(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and value != value) or (
-        isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
+    return (
+        value is None
+        or (isinstance(value, float) and value != value)
+        or (isinstance(value, str) and value.strip().lower() in ("", "nan", "none"))
     )
 
 
-def mmbench_prompt(question: str, options: Sequence[str], hint: str | None = None,
-                   suffix: str = PROMPT_SUFFIX) -> str:
+def mmbench_prompt(
+    question: str, options: Sequence[str], hint: str | None = None, suffix: str = PROMPT_SUFFIX
+) -> str:
     """LLaVA-1.5's MMBench prompt: [hint\\n]question\\nA. opt\\nB. opt...\\nsuffix."""
     text = question if _is_none(hint) else f"{hint}\n{question}"
     for letter, option in zip(LETTERS, options):
@@ -165,7 +169,9 @@ def load_annotations(path: str | Path) -> MMBenchAnnotations:
         try:
             index = int(float(row["index"]))
         except (TypeError, ValueError):
-            raise AnnotationError(f"{path}: row {number} has a non-integer index {row['index']!r}") from None
+            raise AnnotationError(
+                f"{path}: row {number} has a non-integer index {row['index']!r}"
+            ) from None
         options = []
         for col in _OPTION_COLUMNS:
             if _is_none(row.get(col)):
@@ -173,16 +179,20 @@ def load_annotations(path: str | Path) -> MMBenchAnnotations:
             options.append(str(row[col]))
         answer = str(row["answer"]).strip().upper()
         if answer not in LETTERS[: len(options)]:
-            raise AnnotationError(f"{path}: row {number} answer {row['answer']!r} is not one of its options")
+            raise AnnotationError(
+                f"{path}: row {number} answer {row['answer']!r} is not one of its options"
+            )
         explicit = row.get("group", row.get("circular_group"))
-        out.rows.append(MMBenchRow(
-            index=str(index),
-            group=str(explicit) if not _is_none(explicit) else str(index % CIRCULAR_OFFSET),
-            options=tuple(options),
-            answer=answer,
-            category=None if _is_none(row.get("category")) else str(row["category"]),
-            l2_category=None if _is_none(row.get("l2-category")) else str(row["l2-category"]),
-        ))
+        out.rows.append(
+            MMBenchRow(
+                index=str(index),
+                group=str(explicit) if not _is_none(explicit) else str(index % CIRCULAR_OFFSET),
+                options=tuple(options),
+                answer=answer,
+                category=None if _is_none(row.get("category")) else str(row["category"]),
+                l2_category=None if _is_none(row.get("l2-category")) else str(row["l2-category"]),
+            )
+        )
     if not out.rows:
         raise AnnotationError(f"{path}: no row has an answer (test split?)")
     if len({r.index for r in out.rows}) != len(out.rows):
@@ -254,9 +264,7 @@ def evaluate(ann: MMBenchAnnotations, records: Iterable[dict[str, Any]]) -> dict
     per_cat: dict[str, list[bool]] = defaultdict(list)
     per_l2: dict[str, list[bool]] = defaultdict(list)
     for group, members in groups.items():
-        circular[group] = all(
-            correct[(m.index, k)] for m in members for k in rounds_of[m.index]
-        )
+        circular[group] = all(correct[(m.index, k)] for m in members for k in rounds_of[m.index])
         first = min(members, key=lambda m: int(m.index))
         vanilla.append(correct[(first.index, 0)])
         if first.category is not None:

@@ -32,6 +32,7 @@ after removing the answer-format sentences, whitespace runs and case.  A
 prediction without ``prompt``/``question`` takes the first still-unanswered
 question of its image, in annotation order.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -39,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from lmm.eval import (
-    AnnotationError,
+from lmm.errors import AnnotationError
+from lmm.eval.predictions import (
     match_predictions,
     read_json_or_jsonl,
     read_predictions,
@@ -61,11 +62,22 @@ __all__ = [
 
 PROMPT_SUFFIX = "Please answer yes or no."
 PERCEPTION_SUBTASKS: tuple[str, ...] = (
-    "existence", "count", "position", "color", "posters",
-    "celebrity", "scene", "landmark", "artwork", "OCR",
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
 )
 COGNITION_SUBTASKS: tuple[str, ...] = (
-    "commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning",
+    "commonsense_reasoning",
+    "numerical_calculation",
+    "text_translation",
+    "code_reasoning",
 )
 _SHORT_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -122,14 +134,18 @@ def _load_dir(root: Path) -> list[MMEQuestion]:
                 parts = line.strip().split("\t")
                 if len(parts) != 2:
                     raise AnnotationError(f"{txt}: line {number} is not 'question<TAB>answer'")
-                out.append(MMEQuestion(
-                    subtask=subtask_dir.name,
-                    image=txt.stem,
-                    question=parts[0],
-                    answer=_answer(parts[1], f"{txt}: line {number}"),
-                ))
+                out.append(
+                    MMEQuestion(
+                        subtask=subtask_dir.name,
+                        image=txt.stem,
+                        question=parts[0],
+                        answer=_answer(parts[1], f"{txt}: line {number}"),
+                    )
+                )
     if not out:
-        raise AnnotationError(f"{root}: no MME question files (<subtask>/[questions_answers_YN/]*.txt)")
+        raise AnnotationError(
+            f"{root}: no MME question files (<subtask>/[questions_answers_YN/]*.txt)"
+        )
     return out
 
 
@@ -147,12 +163,14 @@ def _load_records(path: Path) -> list[MMEQuestion]:
         if not isinstance(rec, dict) or not {"question_id", "question", "answer"} <= rec.keys():
             raise AnnotationError(f"{path}: record {i} lacks 'question_id', 'question' or 'answer'")
         subtask, image = _split_id(rec["question_id"])
-        out.append(MMEQuestion(
-            subtask=str(rec.get("category") or subtask),
-            image=image,
-            question=str(rec["question"]),
-            answer=_answer(rec["answer"], f"{path}: record {i}"),
-        ))
+        out.append(
+            MMEQuestion(
+                subtask=str(rec.get("category") or subtask),
+                image=image,
+                question=str(rec["question"]),
+                answer=_answer(rec["answer"], f"{path}: record {i}"),
+            )
+        )
     return out
 
 
@@ -190,7 +208,9 @@ def mme_scores(results: Iterable[tuple[str, str, bool]]) -> dict[str, Any]:
         "cognition_score": cognition,
         "total_score": perception + cognition,
         "subtasks": subtasks,
-        "missing_subtasks": [t for t in PERCEPTION_SUBTASKS + COGNITION_SUBTASKS if t not in subtasks],
+        "missing_subtasks": [
+            t for t in PERCEPTION_SUBTASKS + COGNITION_SUBTASKS if t not in subtasks
+        ],
     }
 
 

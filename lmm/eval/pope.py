@@ -26,6 +26,7 @@ Definitional choices (the reference divides by zero or silently mis-zips):
   its id is unique across the loaded splits; otherwise it is reported as
   ``ambiguous`` (and counted in ``unknown``).
 """
+
 from __future__ import annotations
 
 import re
@@ -34,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from lmm.eval import (
-    AnnotationError,
+from lmm.errors import AnnotationError
+from lmm.eval.predictions import (
     match_predictions,
     read_json_or_jsonl,
     read_predictions,
@@ -86,9 +87,7 @@ def pope_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> di
     missing.
     """
     if len(predictions) != len(labels):
-        raise ValueError(
-            f"pope_metrics: {len(predictions)} predictions but {len(labels)} labels"
-        )
+        raise ValueError(f"pope_metrics: {len(predictions)} predictions but {len(labels)} labels")
     tp = fp = tn = fn = 0
     yes = answered = missing = 0
     for text, raw_label in zip(predictions, labels):
@@ -152,13 +151,15 @@ def _load_file(path: Path) -> list[PopeQuestion]:
             label = _label(rec["label"])
         except ValueError as exc:
             raise AnnotationError(f"{path}: record {i}: {exc}") from None
-        out.append(PopeQuestion(
-            split=str(rec.get("category") or default_split),
-            question_id=str(rec["question_id"]),
-            text=str(rec.get("text", "")),
-            image=str(rec.get("image", "")),
-            label=label,
-        ))
+        out.append(
+            PopeQuestion(
+                split=str(rec.get("category") or default_split),
+                question_id=str(rec["question_id"]),
+                text=str(rec.get("text", "")),
+                image=str(rec.get("image", "")),
+                label=label,
+            )
+        )
     return out
 
 

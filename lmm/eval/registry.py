@@ -5,15 +5,18 @@ reader, the predictions reader, the scorer and the LLaVA prompt suffix; an
 unknown name raises :class:`lmm.registry.UnknownComponentError` (a
 ``ValueError``) that lists the known names.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from lmm.eval import PredictionSet, gqa, mmbench, mme, pope, scienceqa, short_answer, vqa
-from lmm.eval import read_predictions as _read_predictions
-from lmm.registry import Registry, UnknownComponentError
+from lmm.errors import UnknownComponentError
+from lmm.eval import gqa, mmbench, mme, pope, scienceqa, short_answer, vqa
+from lmm.eval.predictions import PredictionSet
+from lmm.eval.predictions import read_predictions as _read_predictions
+from lmm.registry import Registry
 
 __all__ = [
     "BENCHMARKS",
@@ -42,7 +45,9 @@ class Benchmark:
         if split is not None and not self.supports_split:
             raise ValueError(f"benchmark {self.name!r} has no --split option")
         if self.supports_split:
-            return self.load_annotations(path, split=split if split is not None else self.split_default)
+            return self.load_annotations(
+                path, split=split if split is not None else self.split_default
+            )
         return self.load_annotations(path)
 
 

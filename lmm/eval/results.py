@@ -1,4 +1,5 @@
 """Scoring the generation records that ``lmm test`` / validation collect per eval set."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,7 +32,9 @@ def summary_table(metrics: dict[str, Any]) -> str:
     for name, m in metrics.items():
         if not isinstance(m, dict) or "accuracy" not in m:
             continue
-        cells = "".join(f"{m[k]:>10.3f}" if isinstance(m.get(k), float) else f"{m.get(k, ''):>10}" for k in keys)
+        cells = "".join(
+            f"{m[k]:>10.3f}" if isinstance(m.get(k), float) else f"{m.get(k, ''):>10}" for k in keys
+        )
         lines.append(f"{name:<22}{cells}")
     if "pope_mean_f1" in metrics:
         lines.append(f"POPE mean F1: {metrics['pope_mean_f1']:.3f}")

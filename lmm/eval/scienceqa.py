@@ -16,6 +16,7 @@ counted in ``unparsed``; a question with no prediction is wrong and counted in
 ``missing``.  Predictions for text-only problems of the split are counted in
 ``ignored_non_image``, not in ``unknown``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from lmm.eval import AnnotationError, match_predictions, read_predictions, report_counts
+from lmm.errors import AnnotationError
+from lmm.eval.predictions import match_predictions, read_predictions, report_counts
 
 __all__ = [
     "PROMPT_SUFFIX",
@@ -108,7 +110,9 @@ def load_annotations(path: str | Path, split: str | None = "test") -> SQAAnnotat
     problems_path = path / "problems.json" if path.is_dir() else path
     problems = _read_json(problems_path)
     if not isinstance(problems, dict):
-        raise AnnotationError(f"{problems_path}: expected an object mapping problem ids to problems")
+        raise AnnotationError(
+            f"{problems_path}: expected an object mapping problem ids to problems"
+        )
     ids = list(problems)
     splits_path = problems_path.parent / "pid_splits.json"
     if split is not None:
@@ -118,20 +122,28 @@ def load_annotations(path: str | Path, split: str | None = "test") -> SQAAnnotat
                 raise AnnotationError(f"{splits_path}: no split {split!r}; has {sorted(splits)}")
             ids = [str(pid) for pid in splits[split]]
         else:
-            ids = [pid for pid in ids if isinstance(problems[pid], dict) and problems[pid].get("split") == split]
+            ids = [
+                pid
+                for pid in ids
+                if isinstance(problems[pid], dict) and problems[pid].get("split") == split
+            ]
         if not ids:
             raise AnnotationError(f"{problems_path}: no problems in split {split!r}")
     out = SQAAnnotations(image_questions=[], non_image_ids=set(), split=split)
     for pid in ids:
         prob = problems.get(pid)
         if not isinstance(prob, dict) or "choices" not in prob or "answer" not in prob:
-            raise AnnotationError(f"{problems_path}: problem {pid!r} missing or lacks 'choices'/'answer'")
+            raise AnnotationError(
+                f"{problems_path}: problem {pid!r} missing or lacks 'choices'/'answer'"
+            )
         if prob.get("image"):
-            out.image_questions.append(SQAQuestion(
-                question_id=str(pid),
-                choices=tuple(str(c) for c in prob["choices"]),
-                answer=int(prob["answer"]),
-            ))
+            out.image_questions.append(
+                SQAQuestion(
+                    question_id=str(pid),
+                    choices=tuple(str(c) for c in prob["choices"]),
+                    answer=int(prob["answer"]),
+                )
+            )
         else:
             out.non_image_ids.add(str(pid))
     return out
@@ -172,5 +184,9 @@ def evaluate(ann: SQAAnnotations, records: Iterable[dict[str, Any]]) -> dict[str
         "split": ann.split,
         "ignored_non_image": ignored,
     }
-    out.update(report_counts([q.question_id for q in ann.image_questions if q.question_id not in match.by_key], match))
+    out.update(
+        report_counts(
+            [q.question_id for q in ann.image_questions if q.question_id not in match.by_key], match
+        )
+    )
     return out

@@ -12,6 +12,7 @@ Annotation format for the CLI: a JSON list or JSON lines of
 string or a list of acceptable strings.  When some records have a category and
 others do not, the latter are grouped under ``"(none)"``.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -19,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
-from lmm.eval import (
-    AnnotationError,
+from lmm.errors import AnnotationError
+from lmm.eval.normalize import normalize_answer
+from lmm.eval.predictions import (
     match_predictions,
     read_json_or_jsonl,
     read_predictions,
     report_counts,
 )
-from lmm.eval.normalize import normalize_answer
 
 __all__ = [
     "PROMPT_SUFFIX",
@@ -105,29 +106,48 @@ def load_annotations(path: str | Path) -> list[ShortAnswerQuestion]:
             raise AnnotationError(f"{path}: record {i} lacks 'question_id' or 'answer'")
         answer = rec["answer"]
         if not isinstance(answer, str):
-            if not (isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer)):
-                raise AnnotationError(f"{path}: record {i}: 'answer' must be a string or list of strings")
+            if not (
+                isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer)
+            ):
+                raise AnnotationError(
+                    f"{path}: record {i}: 'answer' must be a string or list of strings"
+                )
         category = rec.get("category")
-        out.append(ShortAnswerQuestion(
-            question_id=str(rec["question_id"]),
-            answer=answer if isinstance(answer, str) else tuple(answer),
-            category=None if category is None else str(category),
-        ))
+        out.append(
+            ShortAnswerQuestion(
+                question_id=str(rec["question_id"]),
+                answer=answer if isinstance(answer, str) else tuple(answer),
+                category=None if category is None else str(category),
+            )
+        )
     if len({q.question_id for q in out}) != len(out):
         raise AnnotationError(f"{path}: repeated question_id")
     return out
 
 
-def evaluate(questions: list[ShortAnswerQuestion], records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def evaluate(
+    questions: list[ShortAnswerQuestion], records: Iterable[dict[str, Any]]
+) -> dict[str, Any]:
     """Score prediction records (``question_id``, ``text``)."""
     ids = {q.question_id for q in questions}
-    match = match_predictions(records, lambda r: str(r["question_id"]) if str(r["question_id"]) in ids else None)
-    preds = [match.by_key[q.question_id]["text"] if q.question_id in match.by_key else None for q in questions]
+    match = match_predictions(
+        records, lambda r: str(r["question_id"]) if str(r["question_id"]) in ids else None
+    )
+    preds = [
+        match.by_key[q.question_id]["text"] if q.question_id in match.by_key else None
+        for q in questions
+    ]
     has_categories = any(q.category is not None for q in questions)
     out = short_answer_metrics(
         preds,
         [q.answer for q in questions],
-        [q.category if q.category is not None else "(none)" for q in questions] if has_categories else None,
+        [q.category if q.category is not None else "(none)" for q in questions]
+        if has_categories
+        else None,
     )
-    out.update(report_counts([q.question_id for q in questions if q.question_id not in match.by_key], match))
+    out.update(
+        report_counts(
+            [q.question_id for q in questions if q.question_id not in match.by_key], match
+        )
+    )
     return out

@@ -26,6 +26,7 @@ file uses the *image* id as ``question_id`` and its evaluator matches on
 prediction whose id is not a question id is matched that way when it has a
 ``prompt`` (or ``question``) field.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,14 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from lmm.eval import (
-    AnnotationError,
+from lmm.errors import AnnotationError
+from lmm.eval.normalize import normalize_answer
+from lmm.eval.predictions import (
     match_predictions,
     read_json_or_jsonl,
     read_predictions,
     report_counts,
 )
-from lmm.eval.normalize import normalize_answer
 
 __all__ = [
     "OCR_PREFIX",
@@ -139,19 +140,19 @@ def load_annotations(path: str | Path) -> list[VQAQuestion]:
     for i, rec in enumerate(_records(read_json_or_jsonl(path), path), start=1):
         if not isinstance(rec, dict) or "question_id" not in rec or "answers" not in rec:
             raise AnnotationError(f"{path}: record {i} lacks 'question_id' or 'answers'")
-        answers = tuple(
-            str(a["answer"]) if isinstance(a, dict) else str(a) for a in rec["answers"]
-        )
+        answers = tuple(str(a["answer"]) if isinstance(a, dict) else str(a) for a in rec["answers"])
         if not answers:
             raise AnnotationError(f"{path}: record {i} has no answers")
-        out.append(VQAQuestion(
-            question_id=str(rec["question_id"]),
-            answers=answers,
-            answer_type=rec.get("answer_type"),
-            question_type=rec.get("question_type"),
-            image_id=None if rec.get("image_id") is None else str(rec["image_id"]),
-            question=rec.get("question"),
-        ))
+        out.append(
+            VQAQuestion(
+                question_id=str(rec["question_id"]),
+                answers=answers,
+                answer_type=rec.get("answer_type"),
+                question_type=rec.get("question_type"),
+                image_id=None if rec.get("image_id") is None else str(rec["image_id"]),
+                question=rec.get("question"),
+            )
+        )
     if len({q.question_id for q in out}) != len(out):
         raise AnnotationError(f"{path}: repeated question_id")
     return out
@@ -190,5 +191,9 @@ def evaluate(questions: list[VQAQuestion], records: Iterable[dict[str, Any]]) ->
     }
     if per_type:
         out["accuracy_per_answer_type"] = {t: sum(v) / len(v) for t, v in sorted(per_type.items())}
-    out.update(report_counts([q.question_id for q in questions if q.question_id not in match.by_key], match))
+    out.update(
+        report_counts(
+            [q.question_id for q in questions if q.question_id not in match.by_key], match
+        )
+    )
     return out

@@ -1,5 +1,6 @@
 """Speed and memory settings of training: activation checkpointing per component and
 ``torch.compile``. None of them changes what is computed beyond float rounding."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from lmm.model.loss import DEFAULT_CHUNK_SIZE
 
 # Set on every transformer block (tower blocks, LM decoder layers): the unit of activation
-# checkpointing, compilation and FSDP sharding (``lmm.parallel``).
+# checkpointing, compilation and FSDP sharding (``lmm.train.parallel``).
 BLOCK_MARK = "_lmm_block"
 
 
@@ -44,7 +45,9 @@ class EfficiencyConfig:
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:
-            raise ValueError(f"model.efficiency.loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
+            raise ValueError(
+                f"model.efficiency.loss_chunk_size must be >= 1, got {self.loss_chunk_size}"
+            )
 
 
 def mark_blocks(blocks: Iterable[nn.Module]) -> None:

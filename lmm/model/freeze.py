@@ -1,4 +1,5 @@
 """Per-component freezing policies and the trainable/frozen parameter table."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,8 +7,8 @@ from typing import Literal, Optional
 
 from torch import nn
 
+from lmm.errors import ConfigError
 from lmm.model.lora import LoRAConfig, apply_lora, has_lora
-from lmm.registry import ConfigError
 
 Policy = Literal["full", "frozen", "partial", "lora"]
 POLICIES = ("full", "frozen", "partial", "lora")
@@ -49,11 +50,13 @@ class FreezeConfig:
                 return f"{name} lora r{lora.rank} alpha {lora.alpha:g}"
             return f"{name} {policy}"
 
-        return ", ".join([
-            part("vision", self.vision, self.vision_from_layer, self.vision_lora),
-            f"connector {self.connector}",
-            part("llm", self.llm, self.llm_from_layer, self.llm_lora),
-        ])
+        return ", ".join(
+            [
+                part("vision", self.vision, self.vision_from_layer, self.vision_lora),
+                f"connector {self.connector}",
+                part("llm", self.llm, self.llm_from_layer, self.llm_lora),
+            ]
+        )
 
     def __post_init__(self) -> None:
         # Checkpoint hyperparameters come back as plain dicts.
@@ -85,8 +88,10 @@ def apply_policy(
         return
     if has_lora(module):
         # Training base weights under live adapters would mix two parametrisations.
-        raise ConfigError(f"{option}: the component carries LoRA adapters; merge them (lmm.model.lora.merge_lora) "
-                          f"before applying {policy!r}")
+        raise ConfigError(
+            f"{option}: the component carries LoRA adapters; merge them (lmm.model.lora.merge_lora) "
+            f"before applying {policy!r}"
+        )
     for p in module.parameters():
         p.requires_grad_(policy == "full")
     if policy != "partial":
@@ -94,7 +99,9 @@ def apply_policy(
     if blocks is None:
         raise ConfigError(f"{option}: 'partial' needs a component with blocks")
     if not 0 <= from_layer <= len(blocks):
-        raise ConfigError(f"{option}_from_layer={from_layer} is outside [0, {len(blocks)}] for this component")
+        raise ConfigError(
+            f"{option}_from_layer={from_layer} is outside [0, {len(blocks)}] for this component"
+        )
     block_params = {id(p) for p in blocks.parameters()}
     trainable = {id(p) for b in list(blocks)[from_layer:] for p in b.parameters()}
     seen_blocks = False
@@ -121,7 +128,12 @@ def parameter_table(components: dict[str, nn.Module]) -> tuple[str, dict[str, di
             else:
                 frozen += p.numel()
         counts[name] = {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
-    counts["total"] = {k: sum(c[k] for c in counts.values()) for k in ("trainable", "frozen", "total")}
+    counts["total"] = {
+        k: sum(c[k] for c in counts.values()) for k in ("trainable", "frozen", "total")
+    }
     lines = [f"{'component':<10} {'trainable':>12} {'frozen':>12} {'total':>12}"]
-    lines += [f"{n:<10} {c['trainable']:>12,} {c['frozen']:>12,} {c['total']:>12,}" for n, c in counts.items()]
+    lines += [
+        f"{n:<10} {c['trainable']:>12,} {c['frozen']:>12,} {c['total']:>12,}"
+        for n, c in counts.items()
+    ]
     return "\n".join(lines), counts

@@ -1,4 +1,5 @@
 """The causal language model and its tokenizer, loaded through AutoModelForCausalLM / AutoTokenizer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,9 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmm.constants import IMAGE_TOKEN
 from lmm.model.loading import load_pretrained
-
-IMAGE_TOKEN = "<image>"
 
 
 @dataclass
@@ -38,13 +38,19 @@ def load_tokenizer(cfg: LanguageConfig):
     """
     from transformers import AutoTokenizer
 
-    tok = load_pretrained(AutoTokenizer, cfg.name_or_path, "tokenizer", trust_remote_code=cfg.trust_remote_code)
+    tok = load_pretrained(
+        AutoTokenizer, cfg.name_or_path, "tokenizer", trust_remote_code=cfg.trust_remote_code
+    )
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer of {cfg.name_or_path!r} has no eos token; conversation turns need one")
+        raise ValueError(
+            f"tokenizer of {cfg.name_or_path!r} has no eos token; conversation turns need one"
+        )
     if IMAGE_TOKEN not in tok.get_vocab():
         # Extend, not replace, the extra special tokens (e.g. Qwen2's <|im_start|>, Gemma's
         # <start_of_turn>), so they stay special for decoding.
-        tok.add_special_tokens({"additional_special_tokens": [*_extra_special_tokens(tok), IMAGE_TOKEN]})
+        tok.add_special_tokens(
+            {"additional_special_tokens": [*_extra_special_tokens(tok), IMAGE_TOKEN]}
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok
@@ -59,7 +65,9 @@ def _extra_special_tokens(tok) -> list[str]:
     return [str(t) for t in extra]
 
 
-def load_language_model(cfg: LanguageConfig, tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_language_model(
+    cfg: LanguageConfig, tokenizer, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """The causal LM, with embedding rows for every tokenizer id (``<image>`` included)."""
     from transformers import AutoModelForCausalLM
 

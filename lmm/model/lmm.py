@@ -1,4 +1,5 @@
 """The composition ``F(tokens with P(V(image)) scattered in at <image> positions)``."""
+
 from __future__ import annotations
 
 import math
@@ -9,14 +10,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmm.model.connector import ConnectorSpec, as_connector_config, build_connector
+from lmm.constants import IMAGE_TOKEN
+from lmm.errors import ImageTokenMismatchError
+from lmm.model.connectors import ConnectorSpec, as_connector_config, build_connector
 from lmm.model.efficiency import mark_blocks
 from lmm.model.freeze import FreezeConfig, apply_policy, parameter_table
-from lmm.model.image_batch import ImageBatch, PixelValues, tower_inputs
-from lmm.model.language import IMAGE_TOKEN, LanguageConfig, decoder_blocks, load_language_model, load_tokenizer
-from lmm.model.loss import DEFAULT_CHUNK_SIZE, capped_logits, chunked_cross_entropy, next_token_targets, supervised_positions
-from lmm.model.vision import VisionConfig, build_vision_tower
-from lmm.model.visual_layout import arrange, build_layout
+from lmm.model.language import (
+    LanguageConfig,
+    decoder_blocks,
+    load_language_model,
+    load_tokenizer,
+)
+from lmm.model.loss import (
+    DEFAULT_CHUNK_SIZE,
+    capped_logits,
+    chunked_cross_entropy,
+    next_token_targets,
+    supervised_positions,
+)
+from lmm.model.towers import VisionConfig, build_vision_tower
+from lmm.visual.image_batch import ImageBatch, PixelValues, tower_inputs
+from lmm.visual.layout import arrange, build_layout
 
 
 @dataclass
@@ -42,10 +56,6 @@ class GenerationConfig:
         return asdict(self)
 
 
-class ImageTokenMismatchError(ValueError):
-    """The batch's ``<image>`` positions and the image features do not line up."""
-
-
 class LMM(nn.Module):
     """Vision tower -> connector -> causal LM."""
 
@@ -61,16 +71,27 @@ class LMM(nn.Module):
         self.vision = build_vision_tower(vision, dtype=dtype)
         self.llm = load_language_model(llm, self.tokenizer, dtype=dtype)
         text_dim = self.llm.get_input_embeddings().weight.shape[1]
-        self.connector = build_connector(connector, self.vision.hidden_size, text_dim, self.vision.num_tokens).to(dtype)
-        self.image_layout = build_layout(vision.anyres, vision.video, self.vision.image_spec.size,
-                                         self.connector.num_output_tokens, as_connector_config(connector).name)
+        self.connector = build_connector(
+            connector, self.vision.hidden_size, text_dim, self.vision.num_tokens
+        ).to(dtype)
+        self.image_layout = build_layout(
+            vision.anyres,
+            vision.video,
+            self.vision.image_spec.size,
+            self.connector.num_output_tokens,
+            as_connector_config(connector).name,
+        )
         if self.image_layout is not None:
             # LLaVA-NeXT's learned row/clip end. On the connector, so the connector's freeze policy,
             # learning rate and weight files cover it. Scale 1/sqrt(D) as OneVision's init.
-            self.connector.image_newline = nn.Parameter(torch.randn(text_dim, dtype=dtype) / math.sqrt(text_dim))
+            self.connector.image_newline = nn.Parameter(
+                torch.randn(text_dim, dtype=dtype) / math.sqrt(text_dim)
+            )
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         mark_blocks([*self.vision.blocks(), *decoder_blocks(self.llm)])
-        self.loss_chunk_size = DEFAULT_CHUNK_SIZE  # model.efficiency.loss_chunk_size in a LightningModule
+        self.loss_chunk_size = (
+            DEFAULT_CHUNK_SIZE  # model.efficiency.loss_chunk_size in a LightningModule
+        )
 
     @property
     def num_image_tokens(self) -> int:
@@ -84,10 +105,22 @@ class LMM(nn.Module):
     def apply_freeze(self, cfg: FreezeConfig) -> str:
         """Apply a stage's freeze policy; returns the parameter table."""
         apply_policy(
-            self.vision, cfg.vision, self.vision.blocks(), cfg.vision_from_layer, "model.freeze.vision", cfg.vision_lora
+            self.vision,
+            cfg.vision,
+            self.vision.blocks(),
+            cfg.vision_from_layer,
+            "model.freeze.vision",
+            cfg.vision_lora,
         )
         apply_policy(self.connector, cfg.connector, None, 0, "model.freeze.connector")
-        apply_policy(self.llm, cfg.llm, decoder_blocks(self.llm), cfg.llm_from_layer, "model.freeze.llm", cfg.llm_lora)
+        apply_policy(
+            self.llm,
+            cfg.llm,
+            decoder_blocks(self.llm),
+            cfg.llm_from_layer,
+            "model.freeze.llm",
+            cfg.llm_lora,
+        )
         return parameter_table(self.components())[0]
 
     def encode_images(self, pixel_values: PixelValues) -> torch.Tensor:
@@ -99,7 +132,9 @@ class LMM(nn.Module):
             features = self.vision(tower_inputs(pixel_values).to(self.connector_dtype))
         projected = self.connector(features)
         if isinstance(pixel_values, ImageBatch):
-            return arrange(projected, pixel_values.visuals, self.image_layout, self.connector.image_newline)
+            return arrange(
+                projected, pixel_values.visuals, self.image_layout, self.connector.image_newline
+            )
         return projected
 
     @property
@@ -122,7 +157,12 @@ class LMM(nn.Module):
             # find_unused_parameters) wants a gradient for every trainable parameter on every
             # rank, so tie the image path in with weight zero rather than invent a dummy image.
             if torch.is_grad_enabled():
-                unused = [p.sum().float() for m in (self.vision, self.connector) for p in m.parameters() if p.requires_grad]
+                unused = [
+                    p.sum().float()
+                    for m in (self.vision, self.connector)
+                    for p in m.parameters()
+                    if p.requires_grad
+                ]
                 if unused:
                     embeds = embeds + 0.0 * sum(unused).to(embeds.dtype)
             return embeds
@@ -130,7 +170,9 @@ class LMM(nn.Module):
         # One vectorised scatter: row-major order of the mask matches image order in the batch.
         return embeds.masked_scatter(mask.unsqueeze(-1), features)
 
-    def _check_image_positions(self, mask: torch.Tensor, pixel_values: PixelValues | None, n_images: int) -> None:
+    def _check_image_positions(
+        self, mask: torch.Tensor, pixel_values: PixelValues | None, n_images: int
+    ) -> None:
         """The ``<image>`` positions must be exactly the features the images give."""
         n_positions = int(mask.sum())
         if not isinstance(pixel_values, ImageBatch):
@@ -155,15 +197,19 @@ class LMM(nn.Module):
         if n_positions == sum(map(sum, needed)):
             tiles = sum(layout.tiles(v) for v in pixel_values.visuals)
             if tiles != n_images:
-                raise ImageTokenMismatchError(f"the batch's images need {tiles} tower inputs, pixel_values has {n_images}")
+                raise ImageTokenMismatchError(
+                    f"the batch's images need {tiles} tower inputs, pixel_values has {n_images}"
+                )
             return
         detail = ""
         if len(needed) == mask.shape[0]:  # one row per sample (not packed): name the first bad row
             per_row = mask.sum(dim=1).tolist()
             bad = next((r for r, n in enumerate(needed) if per_row[r] != sum(n)), None)
             if bad is not None:
-                detail = (f"; row {bad} has {per_row[bad]} positions but its {len(needed[bad])} image(s) "
-                          f"{[tuple(v) for v in pixel_values.items[bad]]} take {needed[bad]} tokens")
+                detail = (
+                    f"; row {bad} has {per_row[bad]} positions but its {len(needed[bad])} image(s) "
+                    f"{[tuple(v) for v in pixel_values.items[bad]]} take {needed[bad]} tokens"
+                )
         raise ImageTokenMismatchError(
             f"batch has {n_positions} <image> positions but its images take {sum(map(sum, needed))} tokens by "
             f"model.vision.anyres/video{detail}; was it encoded with another model's processor?"
@@ -186,29 +232,45 @@ class LMM(nn.Module):
         """
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)
         h, targets = supervised_positions(hidden, labels)
-        return chunked_cross_entropy(h, targets, self.llm.get_output_embeddings(), self.loss_chunk_size,
-                                     self.logit_softcap)
+        return chunked_cross_entropy(
+            h, targets, self.llm.get_output_embeddings(), self.loss_chunk_size, self.logit_softcap
+        )
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The decoder's last hidden states ``[B, L, D]`` (before the LM head)."""
         embeds = self.embed(input_ids, pixel_values)
         decoder = self.llm.get_decoder()
         if position_ids is not None:
             # No attention_mask and no cache: transformers then derives the per-sample causal
             # blocks from where the position ids restart (a padded tail is a block of its own).
-            return decoder(inputs_embeds=embeds, position_ids=position_ids, use_cache=False).last_hidden_state
-        return decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return decoder(
+                inputs_embeds=embeds, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        return decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
 
     @torch.no_grad()
     def sample_losses(self, batch: dict) -> torch.Tensor:
         """Mean next-token loss of each sample of a (padded or packed) batch, in sample order.
 
         The naive path (full logits at supervised positions): for checks and scoring, not training."""
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                                    batch.get("position_ids"))
+        hidden = self.hidden_states(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("pixel_values"),
+            batch.get("position_ids"),
+        )
         targets, keep = next_token_targets(batch["labels"])
-        logits = capped_logits(hidden[:, :-1][keep], self.llm.get_output_embeddings(), self.logit_softcap)
+        logits = capped_logits(
+            hidden[:, :-1][keep], self.llm.get_output_embeddings(), self.logit_softcap
+        )
         token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
         if "sample_index" in batch:  # packed: which sample each position belongs to
             owner = batch["sample_index"][:, 1:][keep]
@@ -246,16 +308,24 @@ class LMM(nn.Module):
         (e.g. a template's end-of-turn token).
         """
         if input_ids.shape != attention_mask.shape:
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ"
+            )
         if not bool(attention_mask[:, -1].all()):
             # Right padding would make every shorter row continue from pad tokens.
-            raise ValueError("generate needs left-padded prompts (collate(..., left=True)): a row ends in padding")
+            raise ValueError(
+                "generate needs left-padded prompts (collate(..., left=True)): a row ends in padding"
+            )
         embeds = self.embed(input_ids, pixel_values)
-        eos = [self.tokenizer.eos_token_id] + [t for t in (stop_token_ids or []) if t != self.tokenizer.eos_token_id]
+        eos = [self.tokenizer.eos_token_id] + [
+            t for t in (stop_token_ids or []) if t != self.tokenizer.eos_token_id
+        ]
         kwargs = {"do_sample": do_sample}
         if do_sample:
             if temperature <= 0:
-                raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy)")
+                raise ValueError(
+                    f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy)"
+                )
             if not 0 < top_p <= 1:
                 raise ValueError(f"top_p must be in (0, 1], got {top_p}")
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
@@ -275,8 +345,13 @@ class LMM(nn.Module):
                 **kwargs,
             )
 
-    def generate_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                      **kwargs) -> list[str]:
+    def generate_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        **kwargs,
+    ) -> list[str]:
         """:meth:`generate`, decoded: one stripped answer per row (special tokens dropped)."""
         out = self.generate(input_ids, attention_mask, pixel_values, **kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,12 +1,11 @@
 """The one path by which pretrained parts are loaded: a hub name or a local directory."""
+
 from __future__ import annotations
 
 import os
 from typing import Any
 
-
-class MissingWeightsError(OSError):
-    """Pretrained weights could not be found locally nor fetched."""
+from lmm.errors import MissingWeightsError
 
 
 def load_pretrained(factory: Any, name_or_path: str, what: str, **kwargs: Any) -> Any:

@@ -9,8 +9,9 @@ Adapters are injected *in place* (``peft.inject_adapter_in_model``): only the ad
 Weight files never hold peft's internal names. A layer ``x`` adapted by peft has
 ``x.base_layer.weight`` and ``x.lora_A.default.weight``; files call them ``x.weight`` and
 ``x.lora_A.weight`` (see :func:`file_key`), so a file loads whether or not the model it is
-loaded into carries adapters (``lmm.checkpoint``).
+loaded into carries adapters (``lmm.checkpoints.weights``).
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lmm.registry import ConfigError
+from lmm.errors import ConfigError
 
 ADAPTER = "default"  # peft's adapter name; lmm uses one adapter per layer
 _ADAPTER_KINDS = ("lora_A", "lora_B")
@@ -58,13 +59,21 @@ def lora_layers(module: nn.Module) -> dict[str, nn.Module]:
 def _linear_names(module: nn.Module, within: nn.Module | None = None) -> list[str]:
     """Names (relative to ``module``) of its ``nn.Linear`` layers, optionally only those inside ``within``."""
     inside = None if within is None else {id(m) for m in within.modules()}
-    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and (inside is None or id(m) in inside)]
+    return [
+        n
+        for n, m in module.named_modules()
+        if isinstance(m, nn.Linear) and (inside is None or id(m) in inside)
+    ]
 
 
-def _targets(module: nn.Module, blocks: nn.ModuleList | None, cfg: LoRAConfig, option: str) -> list[str]:
+def _targets(
+    module: nn.Module, blocks: nn.ModuleList | None, cfg: LoRAConfig, option: str
+) -> list[str]:
     if not cfg.target_modules:
         if blocks is None:
-            raise ConfigError(f"{option}: 'lora' without {option}_lora.target_modules needs a component with blocks")
+            raise ConfigError(
+                f"{option}: 'lora' without {option}_lora.target_modules needs a component with blocks"
+            )
         names = _linear_names(module, blocks)
         if not names:
             raise ConfigError(f"{option}: no linear layers inside the blocks to adapt")
@@ -83,14 +92,18 @@ def _targets(module: nn.Module, blocks: nn.ModuleList | None, cfg: LoRAConfig, o
     return chosen
 
 
-def apply_lora(module: nn.Module, blocks: nn.ModuleList | None, cfg: LoRAConfig, option: str) -> None:
+def apply_lora(
+    module: nn.Module, blocks: nn.ModuleList | None, cfg: LoRAConfig, option: str
+) -> None:
     """Freeze ``module`` and give its target linear layers trainable LoRA adapters.
 
     Applying the same config again only resets ``requires_grad``; a component that already
     carries adapters of another config is an error (merge them first: :func:`merge_lora`).
     """
     if cfg.rank < 1 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"{option}_lora: need rank >= 1, alpha > 0, 0 <= dropout < 1; got {asdict(cfg)}")
+        raise ConfigError(
+            f"{option}_lora: need rank >= 1, alpha > 0, 0 <= dropout < 1; got {asdict(cfg)}"
+        )
     existing = getattr(module, "lmm_lora", None)
     if existing is None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -103,7 +116,9 @@ def apply_lora(module: nn.Module, blocks: nn.ModuleList | None, cfg: LoRAConfig,
             bias="none",
         )
         inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
-        module.lmm_lora = asdict(cfg)  # plain attribute: what was injected, for re-application checks
+        module.lmm_lora = asdict(
+            cfg
+        )  # plain attribute: what was injected, for re-application checks
     elif existing != asdict(cfg):
         raise ConfigError(
             f"{option}: the component already has LoRA adapters {existing}; merge them before applying {asdict(cfg)}"
@@ -133,7 +148,11 @@ def merge_lora(module: nn.Module) -> int:
     for name, layer in layers.items():
         layer.merge(adapter_names=[ADAPTER])
         parent_name, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attr, layer.get_base_layer())
+        setattr(
+            module.get_submodule(parent_name) if parent_name else module,
+            attr,
+            layer.get_base_layer(),
+        )
     for m in module.modules():
         if hasattr(m, "lmm_lora"):
             del m.lmm_lora

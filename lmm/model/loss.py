@@ -7,6 +7,7 @@ Here the LM head runs on supervised positions only, ``chunk_size`` rows at a tim
 chunk's gradients (w.r.t. the hidden states and the head) are formed right away, so at most
 ``chunk_size x V`` logits exist at any moment and nothing is recomputed in backward.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -14,7 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lmm.constants import IGNORE_INDEX
+
 # Supervised positions per LM-head chunk by default: bounds the logits held at once (chunk x vocab).
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -27,8 +29,12 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
@@ -76,13 +82,17 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return targets, targets != IGNORE_INDEX
 
 
-def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def supervised_positions(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states that predict a label, and those labels: ``[N, D]`` and ``[N]``."""
     targets, keep = next_token_targets(labels)
     return hidden[:, :-1][keep], targets[keep]
 
 
-def capped_logits(hidden: torch.Tensor, head: torch.nn.Module, softcap: Optional[float] = None) -> torch.Tensor:
+def capped_logits(
+    hidden: torch.Tensor, head: torch.nn.Module, softcap: Optional[float] = None
+) -> torch.Tensor:
     """``head(hidden)`` in float32, soft-capped as Gemma-2 does when ``softcap`` is set."""
     logits = head(hidden).float()
     if softcap is not None:
@@ -109,5 +119,7 @@ def chunked_cross_entropy(
         # One chunk's logits are within the bound anyway: plain autograd, which is also what
         # the results of earlier lmm versions were computed with (bit for bit).
         return F.cross_entropy(capped_logits(hidden, head, softcap), targets)
-    total = _ChunkedHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_size, softcap)
+    total = _ChunkedHeadCrossEntropy.apply(
+        hidden, head.weight, head.bias, targets, chunk_size, softcap
+    )
     return total / targets.numel()

@@ -16,6 +16,7 @@ is built locally with the ``tokenizers`` library the way that family's real toke
 The saved ``tokenizer_config.json`` names the family's tokenizer class, so ``AutoTokenizer``
 loads it through the same class a hub checkpoint of that family uses. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,8 @@ TokenizerKind = Literal["sentencepiece", "gpt2", "qwen2"]
 
 # Qwen2's pre-tokenizer: like GPT-4's, digits one by one, newlines kept apart from words.
 QWEN2_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 # ChatML as Qwen2-Instruct writes it: a default system turn when the conversation has none.
@@ -99,17 +101,26 @@ class LLMFamily:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+_SIZES = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512
+)
 
 FAMILIES: dict[str, LLMFamily] = {
     "llama": LLMFamily(
         name="llama",
-        examples=("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"),
+        examples=(
+            "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+            "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+        ),
         model_class="LlamaForCausalLM",
         tokenizer_class="LlamaTokenizer",
         tokenizer_kind="sentencepiece",
         specials=("<unk>", "<s>", "</s>"),
-        bos="<s>", eos="</s>", unk="<unk>", pad=None, add_bos=True,
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        pad=None,
+        add_bos=True,
         chat_template=None,
         template="vicuna",
         tie_word_embeddings=False,
@@ -123,7 +134,11 @@ FAMILIES: dict[str, LLMFamily] = {
         tokenizer_class="CodeGenTokenizer",
         tokenizer_kind="gpt2",
         specials=("<|endoftext|>",),
-        bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>", pad=None, add_bos=False,
+        bos="<|endoftext|>",
+        eos="<|endoftext|>",
+        unk="<|endoftext|>",
+        pad=None,
+        add_bos=False,
         chat_template=None,
         template="phi",
         tie_word_embeddings=False,
@@ -137,22 +152,40 @@ FAMILIES: dict[str, LLMFamily] = {
         tokenizer_class="GPT2Tokenizer",
         tokenizer_kind="gpt2",
         specials=("<|endoftext|>",),
-        bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>", pad=None, add_bos=False,
+        bos="<|endoftext|>",
+        eos="<|endoftext|>",
+        unk="<|endoftext|>",
+        pad=None,
+        add_bos=False,
         chat_template=None,
         # TinyLLaVA trains StableLM-2 with its phi template: same end-of-turn token.
         template="phi",
         tie_word_embeddings=False,
         spare_rows=True,
-        config=dict(_SIZES, intermediate_size=128, num_key_value_heads=4, partial_rotary_factor=0.25, use_qkv_bias=True),
+        config=dict(
+            _SIZES,
+            intermediate_size=128,
+            num_key_value_heads=4,
+            partial_rotary_factor=0.25,
+            use_qkv_bias=True,
+        ),
     ),
     "qwen2": LLMFamily(
         name="qwen2",
-        examples=("Qwen/Qwen2-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"),
+        examples=(
+            "Qwen/Qwen2-0.5B-Instruct",
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            "Qwen/Qwen2.5-1.5B-Instruct",
+        ),
         model_class="Qwen2ForCausalLM",
         tokenizer_class="Qwen2Tokenizer",
         tokenizer_kind="qwen2",
         specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-        bos=None, eos="<|im_end|>", unk=None, pad="<|endoftext|>", add_bos=False,
+        bos=None,
+        eos="<|im_end|>",
+        unk=None,
+        pad="<|endoftext|>",
+        add_bos=False,
         chat_template=CHATML_CHAT_TEMPLATE,
         template="chatml",
         tie_word_embeddings=True,
@@ -166,7 +199,11 @@ FAMILIES: dict[str, LLMFamily] = {
         tokenizer_class="GemmaTokenizer",
         tokenizer_kind="sentencepiece",
         specials=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
-        bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>", add_bos=True,
+        bos="<bos>",
+        eos="<eos>",
+        unk="<unk>",
+        pad="<pad>",
+        add_bos=True,
         chat_template=GEMMA_CHAT_TEMPLATE,
         template="gemma",
         tie_word_embeddings=True,
@@ -206,9 +243,9 @@ _CORPUS = (
 )
 
 
-def tokenizer_corpus() -> list[str]:
+def standin_corpus() -> list[str]:
     """Training text of the stand-in tokenizers (the built-in corpus and the shapes world)."""
-    from lmm.data.synthetic import world_corpus
+    from lmm.worlds.shapes.corpus import world_corpus
 
     return list(_CORPUS) * 4 + world_corpus()
 
@@ -230,7 +267,14 @@ class StandinSpec:
 
 def _train_bpe(family: LLMFamily, corpus: list[str], vocab_size: int):
     """Learned BPE vocabulary and merges for ``family``'s kind of tokenizer."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     alphabet: list[str] = []
@@ -238,7 +282,10 @@ def _train_bpe(family: LLMFamily, corpus: list[str], vocab_size: int):
         # Words carry a leading "▁"; newlines never merge with letters.
         tok.normalizer = normalizers.Replace(" ", "▁")
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace(prepend_scheme="never", split=True)]
+            [
+                pre_tokenizers.Split("\n", "isolated"),
+                pre_tokenizers.Metaspace(prepend_scheme="never", split=True),
+            ]
         )
     elif family.tokenizer_kind == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -246,11 +293,15 @@ def _train_bpe(family: LLMFamily, corpus: list[str], vocab_size: int):
     else:
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), "isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False
+    )
     # Lines that open with a word stand for text that starts mid-sentence too: both forms of a
     # word get learned, as in a large corpus.
     texts = corpus + [" " + line for line in corpus]
@@ -263,7 +314,16 @@ def _train_bpe(family: LLMFamily, corpus: list[str], vocab_size: int):
 
 def build_backend(family: LLMFamily, corpus: list[str], vocab_size: int):
     """The ``tokenizers.Tokenizer`` of ``family``'s kind, trained on ``corpus``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     learned, merges = _train_bpe(family, corpus, vocab_size)
     if family.tokenizer_kind == "sentencepiece":
@@ -272,12 +332,21 @@ def build_backend(family: LLMFamily, corpus: list[str], vocab_size: int):
         taken = set(pieces)
         pieces += [p for p in learned if p not in taken]
         vocab = {p: i for i, p in enumerate(pieces)}
-        model = models.BPE(vocab=vocab, merges=merges, unk_token=family.unk, fuse_unk=True, byte_fallback=True)
+        model = models.BPE(
+            vocab=vocab, merges=merges, unk_token=family.unk, fuse_unk=True, byte_fallback=True
+        )
         tok = Tokenizer(model)
         if family.name == "llama":
             # Llama (non-legacy): "▁" in front of the text, spaces become "▁".
-            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-            steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(
+                replacement="▁", prepend_scheme="first", split=False
+            )
+            steps = [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
         else:
             # Gemma: no prefix space; the normalizer turns spaces into "▁".
             tok.normalizer = normalizers.Replace(" ", "▁")
@@ -286,15 +355,24 @@ def build_backend(family: LLMFamily, corpus: list[str], vocab_size: int):
         tok.decoder = decoders.Sequence(steps)
     else:
         vocab = {p: i for i, p in enumerate(learned)}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
-                                   fuse_unk=False))
+        tok = Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=merges,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+                fuse_unk=False,
+            )
+        )
         if family.tokenizer_kind == "gpt2":
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         else:
             tok.normalizer = normalizers.NFC()
             tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), "isolated"),
-                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+                [
+                    pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), "isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
             )
         tok.decoder = decoders.ByteLevel()
     # Special tokens are matched in raw text before normalization (already-present ones keep their ids).
@@ -302,7 +380,8 @@ def build_backend(family: LLMFamily, corpus: list[str], vocab_size: int):
     if family.add_bos:
         bos_id = tok.token_to_id(family.bos)
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{family.bos}:0 $A:0", pair=f"{family.bos}:0 $A:0 {family.bos}:1 $B:1",
+            single=f"{family.bos}:0 $A:0",
+            pair=f"{family.bos}:0 $A:0 {family.bos}:1 $B:1",
             special_tokens=[(family.bos, bos_id)],
         )
     elif family.tokenizer_kind != "sentencepiece":
@@ -310,17 +389,30 @@ def build_backend(family: LLMFamily, corpus: list[str], vocab_size: int):
     return tok
 
 
-def build_tokenizer(family: LLMFamily, corpus: list[str] | None = None, vocab_size: int = StandinSpec.bpe_vocab_size):
+def build_family_tokenizer(
+    family: LLMFamily, corpus: list[str] | None = None, vocab_size: int = StandinSpec.bpe_vocab_size
+):
     """A transformers fast tokenizer of ``family``'s kind (not yet saved)."""
     from transformers import PreTrainedTokenizerFast
 
-    backend = build_backend(family, tokenizer_corpus() if corpus is None else corpus, vocab_size)
-    named = {"bos_token": family.bos, "eos_token": family.eos, "unk_token": family.unk, "pad_token": family.pad}
+    backend = build_backend(family, standin_corpus() if corpus is None else corpus, vocab_size)
+    named = {
+        "bos_token": family.bos,
+        "eos_token": family.eos,
+        "unk_token": family.unk,
+        "pad_token": family.pad,
+    }
     if family.name == "gemma":
         named["mask_token"] = "<mask>"
     extra = [s for s in family.specials if s not in named.values()]
-    kwargs: dict[str, Any] = dict(tokenizer_object=backend, additional_special_tokens=extra, add_bos_token=family.add_bos,
-                                  add_eos_token=False, clean_up_tokenization_spaces=False, **named)
+    kwargs: dict[str, Any] = dict(
+        tokenizer_object=backend,
+        additional_special_tokens=extra,
+        add_bos_token=family.add_bos,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        **named,
+    )
     if family.tokenizer_kind == "sentencepiece":
         kwargs.update(legacy=False, add_prefix_space=family.name == "llama")
     else:
@@ -339,9 +431,15 @@ def _model(family: LLMFamily, vocab_rows: int, tokenizer) -> torch.nn.Module:
         for name, tok in (("bos", family.bos), ("eos", family.eos))
     }
     if family.name == "gemma":
-        ids["pad_token_id"] = tokenizer.convert_tokens_to_ids(family.pad)  # Gemma's config names its pad
-    cfg = model_cls.config_class(vocab_size=vocab_rows, tie_word_embeddings=family.tie_word_embeddings,
-                                 **family.config, **ids)
+        ids["pad_token_id"] = tokenizer.convert_tokens_to_ids(
+            family.pad
+        )  # Gemma's config names its pad
+    cfg = model_cls.config_class(
+        vocab_size=vocab_rows,
+        tie_word_embeddings=family.tie_word_embeddings,
+        **family.config,
+        **ids,
+    )
     return model_cls(cfg)
 
 
@@ -358,10 +456,14 @@ def build_llm(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     spec = StandinSpec(family=family, seed=seed)
     out = Path(out_dir)
     record = out / "standin.json"
-    if record.exists() and json.loads(record.read_text()) == asdict(spec) and (out / "config.json").exists():
+    if (
+        record.exists()
+        and json.loads(record.read_text()) == asdict(spec)
+        and (out / "config.json").exists()
+    ):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(fam, vocab_size=spec.bpe_vocab_size)
+    tokenizer = build_family_tokenizer(fam, vocab_size=spec.bpe_vocab_size)
     n = len(tokenizer)
     # Llama/Gemma: one row per token; the others: a multiple of 64 with unused rows to spare.
     rows = -(-(n + 64) // 64) * 64 if fam.spare_rows else n

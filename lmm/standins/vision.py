@@ -29,6 +29,7 @@ Example::
     cfg = tower.vision_config()            # VisionConfig(kind="timm", name_or_path=...)
     # model.vision in YAML: {kind: timm, name_or_path: <tower.name_or_path>}
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from lmm.registry import ConfigError
+from lmm.errors import ConfigError
 
 # The OpenAI CLIP normalisation, as the real CLIP processors carry it (not 0.5, so tests see
 # a tower's own mean colour rather than grey).
@@ -74,7 +75,7 @@ class TowerStandIn:
 
     def vision_config(self, **overrides: Any):
         """A ``VisionConfig`` that loads this tower (fields may be overridden)."""
-        from lmm.model.vision import VisionConfig
+        from lmm.model.towers import VisionConfig
 
         return VisionConfig(**{"kind": self.kind, "name_or_path": self.name_or_path, **overrides})
 
@@ -84,12 +85,23 @@ _IMAGE, _PATCH, _WIDTH, _LAYERS, _HEADS = 32, 8, 32, 3, 2
 _GRID = (_IMAGE // _PATCH) ** 2
 # CLIP/SigLIP stand-ins are full two-tower repos, as on the hub; the text side is a minimal stub.
 _TEXT_STUB = dict(
-    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-    max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
 )
 _VISION = dict(
-    hidden_size=_WIDTH, intermediate_size=2 * _WIDTH, num_hidden_layers=_LAYERS,
-    num_attention_heads=_HEADS, image_size=_IMAGE, patch_size=_PATCH,
+    hidden_size=_WIDTH,
+    intermediate_size=2 * _WIDTH,
+    num_hidden_layers=_LAYERS,
+    num_attention_heads=_HEADS,
+    image_size=_IMAGE,
+    patch_size=_PATCH,
 )
 
 
@@ -103,10 +115,14 @@ def _clip(out: Path) -> TowerStandIn:
     )
     CLIPModel(cfg).save_pretrained(out)
     CLIPImageProcessor(
-        size={"shortest_edge": _IMAGE}, crop_size={"height": _IMAGE, "width": _IMAGE},
-        image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD),
+        size={"shortest_edge": _IMAGE},
+        crop_size={"height": _IMAGE, "width": _IMAGE},
+        image_mean=list(OPENAI_MEAN),
+        image_std=list(OPENAI_STD),
     ).save_pretrained(out)
-    return TowerStandIn("hf", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, OPENAI_MEAN, OPENAI_STD)
+    return TowerStandIn(
+        "hf", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, OPENAI_MEAN, OPENAI_STD
+    )
 
 
 def _siglip(out: Path) -> TowerStandIn:
@@ -128,8 +144,14 @@ def _siglip(out: Path) -> TowerStandIn:
 # because open_clip checkpoints are whole CLIP models.
 OPEN_CLIP_MODEL_CFG: dict[str, Any] = {
     "embed_dim": 16,
-    "vision_cfg": {"image_size": _IMAGE, "patch_size": _PATCH, "width": _WIDTH, "layers": _LAYERS,
-                   "head_width": _WIDTH // _HEADS, "mlp_ratio": 2.0},
+    "vision_cfg": {
+        "image_size": _IMAGE,
+        "patch_size": _PATCH,
+        "width": _WIDTH,
+        "layers": _LAYERS,
+        "head_width": _WIDTH // _HEADS,
+        "mlp_ratio": 2.0,
+    },
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
 }
 
@@ -140,13 +162,22 @@ def _open_clip(out: Path) -> TowerStandIn:
 
     model = open_clip.CLIP(**OPEN_CLIP_MODEL_CFG)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(out / "open_clip_model.safetensors"),
+    )
     config = {
         "model_cfg": OPEN_CLIP_MODEL_CFG,
-        "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic"},
+        "preprocess_cfg": {
+            "mean": list(OPENAI_MEAN),
+            "std": list(OPENAI_STD),
+            "interpolation": "bicubic",
+        },
     }
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    return TowerStandIn("open_clip", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, OPENAI_MEAN, OPENAI_STD)
+    return TowerStandIn(
+        "open_clip", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, OPENAI_MEAN, OPENAI_STD
+    )
 
 
 def _timm_vit(out: Path) -> TowerStandIn:
@@ -154,8 +185,14 @@ def _timm_vit(out: Path) -> TowerStandIn:
     from timm.models import save_for_hf
 
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=_IMAGE, patch_size=_PATCH, embed_dim=_WIDTH,
-        depth=_LAYERS, num_heads=_HEADS, num_classes=0,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=_IMAGE,
+        patch_size=_PATCH,
+        embed_dim=_WIDTH,
+        depth=_LAYERS,
+        num_heads=_HEADS,
+        num_classes=0,
     )
     save_for_hf(model, str(out), safe_serialization=True)
     half = (0.5, 0.5, 0.5)  # vit_tiny_patch16_224's own pretrained config
@@ -171,15 +208,32 @@ def _timm_cnn(out: Path) -> TowerStandIn:
     from timm.models import save_for_hf
 
     model = timm.create_model(
-        "resnet18", pretrained=False, layers=(1, 1, 1, 1), channels=_CNN_CHANNELS, stem_width=8, num_classes=0,
+        "resnet18",
+        pretrained=False,
+        layers=(1, 1, 1, 1),
+        channels=_CNN_CHANNELS,
+        stem_width=8,
+        num_classes=0,
         zero_init_last=False,  # timm zeroes each block's last BN scale: random blocks would be no-ops
     )
     # ResNets take any size; the saved pretrained config fixes the one lmm will use.
-    save_for_hf(model, str(out), safe_serialization=True, data_config={"input_size": (3, _CNN_IMAGE, _CNN_IMAGE)})
+    save_for_hf(
+        model,
+        str(out),
+        safe_serialization=True,
+        data_config={"input_size": (3, _CNN_IMAGE, _CNN_IMAGE)},
+    )
     grid = (_CNN_IMAGE // 32) ** 2  # output stride 32
     return TowerStandIn(
-        "timm", str(out), grid, _CNN_CHANNELS[-1], _CNN_IMAGE, 4, 4,
-        tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),
+        "timm",
+        str(out),
+        grid,
+        _CNN_CHANNELS[-1],
+        _CNN_IMAGE,
+        4,
+        4,
+        tuple(IMAGENET_DEFAULT_MEAN),
+        tuple(IMAGENET_DEFAULT_STD),
     )
 
 

@@ -4,6 +4,7 @@ and write the per-step global loss and the final weights. Run by tests/test_para
 Every rank takes its slice of the same global batches, and every sample has the same number
 of supervised tokens, so the mean of the ranks' losses is the global batch's loss.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,12 +15,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lmm.data.collate import IGNORE_INDEX, collate
+from lmm.constants import IGNORE_INDEX
+from lmm.data.collate import collate
 from lmm.model.freeze import FreezeConfig
 from lmm.model.language import LanguageConfig
-from lmm.model.vision import VisionConfig
-from lmm.module import LMMModule, OptimConfig
-from lmm.nonfinite import NonFiniteGuard
+from lmm.model.towers import VisionConfig
+from lmm.train.module import LMMModule, OptimConfig
+from lmm.train.nonfinite import NonFiniteGuard
 
 GLOBAL_BATCH = 4
 ANSWER = 5
@@ -33,18 +35,26 @@ def global_batches(model, steps: int, image_size: int) -> list[list[dict]]:
     for k in range(GLOBAL_BATCH):
         prompt = torch.randint(10, 400, (3 + k,), generator=g)
         answer = torch.randint(10, 400, (ANSWER,), generator=g)
-        ids = torch.cat([torch.tensor([1]), torch.full((n_image,), model.model.image_token_id), prompt, answer])
+        ids = torch.cat(
+            [torch.tensor([1]), torch.full((n_image,), model.model.image_token_id), prompt, answer]
+        )
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[-ANSWER:] = answer
-        samples.append({"id": f"{k}", "input_ids": ids, "labels": labels,
-                        "pixel_values": torch.randn(1, 3, image_size, image_size, generator=g)})
+        samples.append(
+            {
+                "id": f"{k}",
+                "input_ids": ids,
+                "labels": labels,
+                "pixel_values": torch.randn(1, 3, image_size, image_size, generator=g),
+            }
+        )
     return [samples] * steps
 
 
 class RankSlices(Dataset):
     def __init__(self, batches, rank: int, world: int) -> None:
         per = GLOBAL_BATCH // world
-        self.items = [collate(b[rank * per:(rank + 1) * per], pad_id=0) for b in batches]
+        self.items = [collate(b[rank * per : (rank + 1) * per], pad_id=0) for b in batches]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -59,7 +69,7 @@ class GlobalLoss(L.Callback):
         self.sharded = False
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from lmm.parallel import is_sharded
+        from lmm.train.parallel import is_sharded
 
         self.sharded = is_sharded(pl_module.model)
 
@@ -98,11 +108,21 @@ def main() -> None:
 
         strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
     losses = GlobalLoss()
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=args.steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[losses, NonFiniteGuard()])  # as `python -m lmm fit` always adds
-    data = RankSlices(global_batches(module, args.steps, args.image_size), trainer.global_rank, trainer.world_size)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[losses, NonFiniteGuard()],
+    )  # as `python -m lmm fit` always adds
+    data = RankSlices(
+        global_batches(module, args.steps, args.image_size), trainer.global_rank, trainer.world_size
+    )
     trainer.fit(module, DataLoader(data, batch_size=None, shuffle=False))
     if trainer.is_global_zero:
         with open(os.path.join(args.out, "losses.json"), "w") as f:

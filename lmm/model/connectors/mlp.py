@@ -1,4 +1,5 @@
 """Token-preserving connectors (identity, linear, GELU MLPs) and 2x2 average pooling + MLP."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmm.registry import ConfigError
+from lmm.errors import ConfigError
 
 
 def make_mlp(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
@@ -37,7 +38,9 @@ class Identity(nn.Module):
     def __init__(self, vision_dim: int, text_dim: int, num_tokens: int) -> None:
         super().__init__()
         if vision_dim != text_dim:
-            raise ConfigError(f"model.connector: 'identity' needs equal widths, got vision {vision_dim} vs LM {text_dim}")
+            raise ConfigError(
+                f"model.connector: 'identity' needs equal widths, got vision {vision_dim} vs LM {text_dim}"
+            )
         self.num_output_tokens = num_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +63,9 @@ class PoolMLP(nn.Module):
     """Average-pool the square patch grid ``pool`` x ``pool``, then an MLP: ``pool**2`` times
     fewer visual tokens for the LM (the token reduction LLaVA-OneVision applies to video)."""
 
-    def __init__(self, vision_dim: int, text_dim: int, num_tokens: int, pool: int = 2, depth: int = 2) -> None:
+    def __init__(
+        self, vision_dim: int, text_dim: int, num_tokens: int, pool: int = 2, depth: int = 2
+    ) -> None:
         super().__init__()
         side = square_side(num_tokens, f"{pool}x{pool} pooling")
         if side % pool:

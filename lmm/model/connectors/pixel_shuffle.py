@@ -1,6 +1,7 @@
 """Pixel-shuffle (space-to-depth) connector: ``r x r`` neighbouring patch tokens become one
 token of ``r*r`` times the width, then an MLP maps it to the LM width. The LM sees ``r**2``
 times fewer image tokens while no feature is averaged away (Idefics3 / InternVL style)."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,8 @@ import math
 import torch
 from torch import nn
 
+from lmm.errors import ConfigError
 from lmm.model.connectors.mlp import make_mlp, square_side
-from lmm.registry import ConfigError
 
 
 def space_to_depth(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -28,7 +29,9 @@ class PixelShuffleMLP(nn.Module):
     input tokens ``(i*factor + a, j*factor + b)`` for ``a, b`` in row-major order.
     """
 
-    def __init__(self, vision_dim: int, text_dim: int, num_tokens: int, factor: int = 2, mlp_depth: int = 2) -> None:
+    def __init__(
+        self, vision_dim: int, text_dim: int, num_tokens: int, factor: int = 2, mlp_depth: int = 2
+    ) -> None:
         super().__init__()
         if factor < 1:
             raise ConfigError(f"model.connector.factor must be >= 1, got {factor}")

@@ -1,12 +1,13 @@
 """Perceiver resampler: a fixed number of learned queries read the tower's tokens by
 cross-attention, so the LM sees ``num_queries`` image tokens whatever the tower's grid
 (Flamingo / Qwen-VL / TinyLLaVA's ``resampler``)."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lmm.registry import ConfigError
+from lmm.errors import ConfigError
 
 
 class ResamplerBlock(nn.Module):
@@ -37,7 +38,13 @@ class Resampler(nn.Module):
     """
 
     def __init__(
-        self, vision_dim: int, text_dim: int, num_tokens: int, num_queries: int = 64, depth: int = 2, heads: int = 8
+        self,
+        vision_dim: int,
+        text_dim: int,
+        num_tokens: int,
+        num_queries: int = 64,
+        depth: int = 2,
+        heads: int = 8,
     ) -> None:
         super().__init__()
         if num_queries < 1 or depth < 1:
@@ -45,7 +52,9 @@ class Resampler(nn.Module):
                 f"model.connector: resampler needs num_queries >= 1 and depth >= 1, got {num_queries}, {depth}"
             )
         if heads < 1 or vision_dim % heads:
-            raise ConfigError(f"model.connector.heads={heads} must divide the tower width {vision_dim}")
+            raise ConfigError(
+                f"model.connector.heads={heads} must divide the tower width {vision_dim}"
+            )
         self.queries = nn.Parameter(torch.randn(num_queries, vision_dim) * 0.02)
         self.blocks = nn.ModuleList(ResamplerBlock(vision_dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(vision_dim)

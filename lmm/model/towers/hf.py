@@ -4,21 +4,21 @@
 ``openai/clip-vit-large-patch14-336`` and ``google/siglip-so400m-patch14-384`` do) or a vision
 model alone; the vision class loads only the vision weights from either.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lmm.model.image_spec import ImageSpec
-from lmm.model.vision import (
-    VISION_TOWERS,
+from lmm.errors import ConfigError
+from lmm.model.towers.base import (
     VisionConfig,
     VisionTower,
     load_or_explain,
     resolve_feature_layer,
     tokens_to_skip,
 )
-from lmm.registry import ConfigError
+from lmm.visual.image_spec import ImageSpec
 
 # model_type (of the checkpoint's config.json) -> (transformers vision class, has a CLS token).
 # Exact keys: a model type not listed here is refused rather than guessed.
@@ -41,7 +41,6 @@ def _find_blocks(model: nn.Module, count: int) -> tuple[nn.Module, str, nn.Modul
     raise ValueError(f"{type(model).__name__}: no ModuleList of {count} layers found")
 
 
-@VISION_TOWERS.register("hf")
 class HFVisionTower(VisionTower):
     """A transformers CLIP or SigLIP vision model.
 
@@ -56,7 +55,10 @@ class HFVisionTower(VisionTower):
 
         what = "transformers vision tower"
         config = load_or_explain(
-            lambda: transformers.AutoConfig.from_pretrained(cfg.name_or_path), cfg.name_or_path, what, _EXPECTS
+            lambda: transformers.AutoConfig.from_pretrained(cfg.name_or_path),
+            cfg.name_or_path,
+            what,
+            _EXPECTS,
         )
         if config.model_type not in HF_VISION_MODELS:
             raise ConfigError(
@@ -66,7 +68,10 @@ class HFVisionTower(VisionTower):
         class_name, has_cls = HF_VISION_MODELS[config.model_type]
         model_class = getattr(transformers, class_name)
         model = load_or_explain(
-            lambda: model_class.from_pretrained(cfg.name_or_path, dtype=dtype), cfg.name_or_path, what, _EXPECTS
+            lambda: model_class.from_pretrained(cfg.name_or_path, dtype=dtype),
+            cfg.name_or_path,
+            what,
+            _EXPECTS,
         )
         config = model.config  # the vision config, also when the checkpoint was a full CLIP/SigLIP
         n_layers = config.num_hidden_layers

@@ -10,30 +10,26 @@ Loading goes through ``open_clip.create_model(source, require_pretrained=True)``
 The text tower is dropped after loading; so are ``ln_post``, the attention pooler and the
 projection, which come after the selected block.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lmm.model.image_spec import ImageSpec
-from lmm.model.loading import MissingWeightsError
-from lmm.model.vision import (
-    VISION_TOWERS,
+from lmm.errors import ConfigError, MissingWeightsError
+from lmm.model.towers.base import (
     VisionConfig,
     VisionTower,
-    load_or_explain,
     library_source,
+    load_or_explain,
     resolve_feature_layer,
     tokens_to_skip,
 )
-from lmm.registry import ConfigError
+from lmm.visual.image_spec import ImageSpec
 
 _EXPECTS = "open_clip_config.json and open_clip_model.safetensors (or open_clip_pytorch_model.bin)"
 
 
-
-@VISION_TOWERS.register("open_clip")
 class OpenCLIPTower(VisionTower):
     """An open_clip ``VisionTransformer``: one CLS token, then the patch grid.
 

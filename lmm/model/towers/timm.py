@@ -11,27 +11,25 @@ embedding comes before them. The features are timm's ``forward_intermediates`` o
 selected block, after the model has been pruned to it (``prune_intermediate_layers``: later
 blocks, final norm and classifier head removed).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lmm.model.image_spec import ImageSpec
-from lmm.model.vision import (
-    VISION_TOWERS,
+from lmm.errors import ConfigError
+from lmm.model.towers.base import (
     VisionConfig,
     VisionTower,
     has_parameters,
-    load_or_explain,
     library_source,
+    load_or_explain,
     resolve_feature_layer,
     tokens_to_skip,
 )
-from lmm.registry import ConfigError
+from lmm.visual.image_spec import ImageSpec
 
 _EXPECTS = "timm's config.json and model.safetensors, as written by timm.models.save_for_hf"
-
 
 
 def _hub_repo(source: str) -> str:
@@ -41,7 +39,6 @@ def _hub_repo(source: str) -> str:
     return f"timm/{source}"
 
 
-@VISION_TOWERS.register("timm")
 class TimmTower(VisionTower):
     """A timm backbone.
 
@@ -79,7 +76,9 @@ class TimmTower(VisionTower):
         self.is_vit = getattr(model, "num_prefix_tokens", None) is not None
         taps = [info["module"] for info in model.feature_info]
         block_names = [name for name in taps if has_parameters(model.get_submodule(name))]
-        keep = resolve_feature_layer(cfg.feature_layer, len(block_names), default=-2 if self.is_vit else -1)
+        keep = resolve_feature_layer(
+            cfg.feature_layer, len(block_names), default=-2 if self.is_vit else -1
+        )
         self._index = taps.index(block_names[keep - 1])  # forward_intermediates counts every tap
         self.hidden_size = int(model.feature_info[self._index]["num_chs"])
         model.prune_intermediate_layers(indices=[self._index], prune_norm=True, prune_head=True)
@@ -103,7 +102,9 @@ class TimmTower(VisionTower):
                 probe = torch.zeros(1, 3, height, width, dtype=dtype)
                 self.num_tokens = int(self.eval()(probe).shape[1])
             self.train(was_training)
-        self.image_spec = ImageSpec(size=height, mean=data["mean"], std=data["std"], preprocess=cfg.image_preprocess)
+        self.image_spec = ImageSpec(
+            size=height, mean=data["mean"], std=data["std"], preprocess=cfg.image_preprocess
+        )
 
     def train(self, mode: bool = True) -> "TimmTower":
         """Train mode, except frozen BatchNorm layers: they keep their pretrained running
@@ -124,7 +125,9 @@ class TimmTower(VisionTower):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.is_vit:
-            fmap = self.model.forward_intermediates(pixel_values, indices=[self._index], intermediates_only=True)[0]
+            fmap = self.model.forward_intermediates(
+                pixel_values, indices=[self._index], intermediates_only=True
+            )[0]
             return fmap.flatten(2).transpose(1, 2)
         with_prefix = self._prefix > 0 and self._skip < self._prefix
         out = self.model.forward_intermediates(

@@ -1,0 +1,3 @@
+"""Command-line entry points (argparse + main() only) that python -m lmm routes to; nothing in the
+library imports them.
+"""

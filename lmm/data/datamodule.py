@@ -67,6 +67,10 @@ class LMMDataModule(L.LightningDataModule):
             ``tokenizer`` (the tokenizer's own chat template).
         system_prompt: Replace the template's default system prompt ("" = none); a system
             turn inside a sample still wins.
+        image_placement: Where each turn's ``<image>`` placeholders go before the template
+            renders it: ``as_written`` (where the sample puts them).
+        tokenization: How the rendered text becomes token ids: ``single_pass`` (the whole
+            text at once).
         max_length: Token budget per sample after ``<image>`` expansion.
         batch_size: Training samples per batch and device.
         eval_batch_size: Prompts per generation batch.
@@ -108,6 +112,8 @@ class LMMDataModule(L.LightningDataModule):
         test: Optional[list[EvalSet]] = None,
         template: str = "plain",
         system_prompt: Optional[str] = None,
+        image_placement: str = "as_written",
+        tokenization: str = "single_pass",
         max_length: int = 512,
         batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -132,6 +138,8 @@ class LMMDataModule(L.LightningDataModule):
         if system_prompt is not None:
             self.template = replace(self.template, system=system_prompt)
         self.max_length = max_length
+        self.image_placement = image_placement
+        self.tokenization = tokenization
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -176,7 +184,13 @@ class LMMDataModule(L.LightningDataModule):
                 "LMMDataModule needs a processor: pass processor=model.processor (the CLI links it)"
             )
         return SampleEncoder(
-            self.processor, self.template, self.max_length, self.blank_images, self.max_image_pixels
+            self.processor,
+            self.template,
+            self.max_length,
+            self.blank_images,
+            self.max_image_pixels,
+            image_placement=self.image_placement,
+            tokenization=self.tokenization,
         )
 
     def bad_samples(self, stage: str) -> BadSampleMonitor:

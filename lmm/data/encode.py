@@ -21,6 +21,7 @@ from lmm.data.image import (
 from lmm.data.templates import Template, parse_conversation
 from lmm.data.visuals import modality_of, placeholders, tiles, video_unsupported
 from lmm.errors import (
+    ConfigError,
     ConversationError,
     NoAssistantTurnError,
     SampleError,
@@ -34,6 +35,10 @@ from lmm.visual.layout import VisualLayout
 _SPACE = " \t\n\r"  # characters an answer span may leave untokenized
 # Members that would run code when decoded; a shard holding one is refused outright.
 _PICKLE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz")
+# Where a turn's ``<image>`` placeholders go before rendering (``data.image_placement``).
+IMAGE_PLACEMENTS: tuple[str, ...] = ("as_written",)
+# How the rendered text becomes token ids (``data.tokenization``).
+TOKENIZATIONS: tuple[str, ...] = ("single_pass",)
 
 
 @dataclass
@@ -61,7 +66,19 @@ class SampleEncoder:
         max_length: int,
         blank_images: bool = False,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        image_placement: str = "as_written",
+        tokenization: str = "single_pass",
     ) -> None:
+        for option, value, allowed in (
+            ("data.image_placement", image_placement, IMAGE_PLACEMENTS),
+            ("data.tokenization", tokenization, TOKENIZATIONS),
+        ):
+            if value not in allowed:
+                raise ConfigError(
+                    f"{option}: unknown value {value!r}; allowed: {', '.join(allowed)}"
+                )
+        self.image_placement = image_placement
+        self.tokenization = tokenization
         self.processor = processor
         self.max_image_pixels = max_image_pixels
         # A template sees the tokenizer once: checks its end-of-turn, or renders with it (``tokenizer``).

@@ -178,7 +178,8 @@ def test_connector_options_from_yaml_reach_the_model(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["linear", "mlp2x_gelu", "pool2x2_mlp2x_gelu", "resampler", "pixel_shuffle"]
+    "name",
+    ["linear", "mlp2x_gelu", "pool2x2_mlp2x_gelu", "resampler", "pixel_shuffle", "fused_gelu_mlp"],
 )
 def test_output_init_std_reinitialises_only_the_output_layer(name):
     torch.manual_seed(0)
@@ -204,3 +205,117 @@ def test_output_init_std_reinitialises_only_the_output_layer(name):
 def test_output_init_std_needs_a_linear_output():
     with pytest.raises(ConfigError, match="output_init_std"):
         build_connector(ConnectorConfig(name="identity", output_init_std=0.01), 8, 8, 4)
+
+
+# -- connectors for fused towers ------------------------------------------------------------------
+
+
+def test_fused_gelu_mlp_is_prismatics_fused_projector():
+    """prismatic/util/nn_utils.py FusedMLPProjector ("fused-gelu-mlp"): Linear(D, 4D) -> GELU ->
+    Linear(4D, Dl) -> GELU -> Linear(Dl, Dl), every layer with a bias; tokens unchanged."""
+    import torch.nn.functional as F
+
+    c = build_connector("fused_gelu_mlp", 6, 10, 16)
+    linears = [m for m in c.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(6, 24), (24, 10), (10, 10)]
+    assert all(m.bias is not None for m in linears) and c.num_output_tokens == 16
+    x = torch.randn(2, 16, 6)
+    a, b, o = linears
+    expected = o(F.gelu(b(F.gelu(a(x)))))
+    torch.testing.assert_close(c(x), expected, rtol=0, atol=1e-6)
+
+
+def test_mof_mlp_runs_each_towers_tokens_through_its_own_mlp():
+    """TinyLLaVA connector/mof_mlp.py: merged[:, 0::2] = clip(x_clip), merged[:, 1::2] =
+    dinov2(x_dino), each Linear(D, Dl) -> GELU -> Linear(Dl, Dl); the fused tower's interleaved
+    tokens come in as tower 0, tower 1, tower 0, ..."""
+    import torch.nn.functional as F
+
+    c = build_connector("mof_mlp", 8, 12, 32, token_groups=2)
+    assert c.num_output_tokens == 32 and len(c.mlps) == 2
+    x = torch.randn(2, 32, 8)
+    out = c(x)
+    for k in range(2):
+        first, second = c.mlps[k][0], c.mlps[k][2]
+        torch.testing.assert_close(
+            out[:, k::2], second(F.gelu(first(x[:, k::2]))), rtol=0, atol=1e-6
+        )
+    assert not torch.allclose(c.mlps[0][0].weight, c.mlps[1][0].weight)  # separate weights
+    with pytest.raises(ConfigError, match="mof_mlp.*model.vision.fused.join: interleave"):
+        build_connector("mof_mlp", 8, 12, 16)
+
+
+# -- Q-Former -------------------------------------------------------------------------------------
+
+_SMALL_QFORMER = dict(
+    num_queries=5, num_layers=3, hidden_size=16, heads=2, cross_attention_frequency=2
+)
+
+
+def test_qformer_gives_num_queries_tokens_with_blip2_cross_attention_layers():
+    from transformers import Blip2QFormerModel
+
+    c = build_connector(ConnectorConfig(name="qformer", **_SMALL_QFORMER), 24, 12, 49)
+    assert isinstance(c.qformer, Blip2QFormerModel) and c.num_output_tokens == 5
+    assert c.query_tokens.shape == (1, 5, 16) and c.proj.out_features == 12
+    # BLIP-2: a cross-attention to the image in layers 0, f, 2f, ...; its keys read the tower width.
+    layers = c.qformer.encoder.layer
+    assert [layer.has_cross_attention for layer in layers] == [True, False, True]
+    assert layers[0].crossattention.attention.key.in_features == 24
+    for n in (49, 7):  # any number of tower tokens
+        out = c(torch.randn(3, n, 24))
+        assert out.shape == (3, 5, 12)
+    x = torch.randn(2, 49, 24)
+    assert not torch.allclose(c(x)[0], c(x.flip(0))[0])  # the output reads the image
+
+
+def test_qformer_gradients_reach_the_queries_and_every_cross_attention():
+    c = build_connector(ConnectorConfig(name="qformer", **_SMALL_QFORMER), 24, 12, 49)
+    c(torch.randn(2, 49, 24)).pow(2).mean().backward()
+    assert c.query_tokens.grad is not None and c.query_tokens.grad.abs().sum() > 0
+    cross = [(n, p) for n, p in c.named_parameters() if ".crossattention." in n]
+    assert {n.split(".")[3] for n, _ in cross} == {"0", "2"}  # layers with cross-attention
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in cross if n.endswith("weight")
+    )
+
+
+def test_qformer_options_are_checked():
+    with pytest.raises(
+        ConfigError, match="model.connector.heads=3 must divide model.connector.hidden_size=16"
+    ):
+        build_connector(
+            ConnectorConfig(name="qformer", hidden_size=16, heads=3, num_layers=1), 8, 8, 4
+        )
+    with pytest.raises(ConfigError, match="model.connector.num_layers must be >= 1"):
+        build_connector(ConnectorConfig(name="qformer", num_layers=0), 8, 8, 4)
+    with pytest.raises(
+        ConfigError, match="model.connector.num_layers does not apply to connector 'resampler'"
+    ):
+        build_connector(ConnectorConfig(name="resampler", num_layers=2), 8, 8, 4)
+
+
+def test_qformer_one_fit_step_through_the_cli(tiny_models, tiny_world, tmp_path):
+    """``lmm fit`` with connector qformer: one optimizer step moves the queries."""
+    from lmm.train.cli import LMMCLI
+
+    root, _ = tiny_world
+    args = [
+        "--model.vision.name_or_path", str(tiny_models["vision"]), "--model.vision.feature_layer", "-1",
+        "--model.llm.name_or_path", str(tiny_models["llm"]),
+        "--model.connector.name", "qformer", "--model.connector.num_queries", "4",
+        "--model.connector.num_layers", "2", "--model.connector.hidden_size", "16",
+        "--model.connector.heads", "2",
+        "--data.train", f"[{root}/pretrain/shard-*.tar]", "--data.batch_size", "2",
+        "--data.num_workers", "0", "--data.max_length", "64",
+        "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.max_steps", "1",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    cli = LMMCLI(args=args, run=False)
+    model = cli.model.model
+    assert model.num_image_tokens == 4 and cli.datamodule.processor.num_image_tokens == 4
+    before = model.connector.query_tokens.detach().clone()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
+    assert not torch.equal(model.connector.query_tokens.detach(), before)

@@ -37,6 +37,13 @@ HUB_STANDINS = {
     "stabilityai/stablelm-2-zephyr-1_6b": ("llm", "stablelm"),  # StableLmForCausalLM
     "microsoft/phi-2": ("llm", "phi"),  # PhiForCausalLM
     "Qwen/Qwen2-0.5B-Instruct": ("llm", "qwen2"),  # Qwen2ForCausalLM
+    "openai/clip-vit-large-patch14": ("tower", "clip"),  # CLIPModel (MoF's CLIP)
+    "facebook/dinov2-large": ("tower", "dinov2"),  # Dinov2Model + BitImageProcessor
+    "meta-llama/Llama-2-7b-hf": ("llm", "llama"),  # LlamaForCausalLM (Prismatic's LLaMa-2)
+    "lmsys/vicuna-7b-v1.5": ("llm", "llama"),  # LlamaForCausalLM (Prismatic's Vicuna)
+    # timm towers (Prismatic's DINO-SigLIP): the same timm architectures, shrunk.
+    "vit_large_patch14_reg4_dinov2.lvd142m": ("timm", "timm_dinov2_reg4"),
+    "vit_so400m_patch14_siglip_384": ("timm", "timm_siglip"),
 }
 
 
@@ -60,6 +67,8 @@ STAGES = {
     "onevision/pretrain.yaml": Intent(vision=False, connector=True, llm=False),
     "onevision/finetune.yaml": Intent(vision=True, connector=True, llm=True),
     "tiny_ov/finetune.yaml": Intent(vision=True, connector=True, llm=True),
+    "prismatic/prism-dinosiglip-7b.yaml": Intent(vision=False, connector=True, llm=True),
+    "prismatic/dinosiglip-384px-letterbox-7b.yaml": Intent(vision=False, connector=True, llm=True),
 }
 # Stage files in run order per recipe family; TinyLLaVA's run once per pair file in models/.
 CHAINS = {
@@ -69,9 +78,17 @@ CHAINS = {
     "onevision": ["onevision/pretrain.yaml", "onevision/finetune.yaml"],
     # tiny_ov starts from the tiny pipeline's checkpoint directory (artifacts/tiny/finetune).
     "tiny_ov": ["tiny/pretrain.yaml", "tiny/finetune.yaml", "tiny_ov/finetune.yaml"],
+    # Two single-stage recipes (no init_from), run one after the other.
+    "prismatic": ["prismatic/prism-dinosiglip-7b.yaml", "prismatic/dinosiglip-384px-letterbox-7b.yaml"],
 }  # fmt: skip
 PAIRS = sorted(p.name for p in (CONFIGS / "tinyllava" / "models").glob("*.yaml"))
-CASES = [("tiny", None), *[("tinyllava", p) for p in PAIRS], ("onevision", None), ("tiny_ov", None)]
+CASES = [
+    ("tiny", None),
+    *[("tinyllava", p) for p in PAIRS],
+    ("onevision", None),
+    ("tiny_ov", None),
+    ("prismatic", None),
+]
 
 
 # Add-on trainer files (strategy, precision, fault tolerance): combined with any stage.
@@ -86,7 +103,8 @@ def test_every_config_file_is_covered():
         "add new configs to STAGES / CHAINS in this test"
     )
     assert {s for chain in CHAINS.values() for s in chain} == set(STAGES)
-    assert len(PAIRS) == 6  # {CLIP, SigLIP} x {TinyLlama, StableLM-2, Phi-2}
+    # {CLIP, SigLIP} x {TinyLlama, StableLM-2, Phi-2}, plus DINOv2 and MoF (CLIP+DINOv2) with TinyLlama
+    assert len(PAIRS) == 8
 
 
 @pytest.mark.parametrize("name", TRAINER_FILES)
@@ -129,11 +147,13 @@ def _deep_tower(kind: str, root: Path) -> str:
 
     from lmm.standins.vision import build_tower
 
-    src = Path(build_tower(kind, root / "shallow").name_or_path)
     dst = root / f"{kind}-{TOWER_LAYERS}"
+    if dst.exists():  # two hub names with the same stand-in class share it
+        return str(dst)
+    src = Path(build_tower(kind, root / "shallow").name_or_path)
     shutil.copytree(src, dst)
     cfg = AutoConfig.from_pretrained(dst)
-    cfg.vision_config.num_hidden_layers = TOWER_LAYERS
+    getattr(cfg, "vision_config", cfg).num_hidden_layers = TOWER_LAYERS  # DINOv2: no text side
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         AutoModel.from_config(cfg).save_pretrained(dst)
@@ -144,6 +164,7 @@ def _deep_tower(kind: str, root: Path) -> str:
 def standins(tmp_path_factory, tiny_models) -> dict[str, str]:
     """Recipe model name -> local stand-in directory (built once for every case)."""
     from lmm.standins.llm import build_llm
+    from lmm.standins.vision import build_tower
 
     root = tmp_path_factory.mktemp("recipe_standins")
     out = {
@@ -154,7 +175,12 @@ def standins(tmp_path_factory, tiny_models) -> dict[str, str]:
         "artifacts/tiny/finetune/llm": str(tiny_models["llm"]),
     }
     for hub, (what, kind) in HUB_STANDINS.items():
-        out[hub] = _deep_tower(kind, root) if what == "tower" else str(build_llm(kind, root / kind))
+        if what == "tower":
+            out[hub] = _deep_tower(kind, root)
+        elif what == "timm":  # recipes that freeze the tower: the stand-in's 3 layers do
+            out[hub] = build_tower(kind, root / "timm").name_or_path
+        else:
+            out[hub] = str(build_llm(kind, root / kind))
     return out
 
 
@@ -200,11 +226,14 @@ def _patterns(item) -> list[str]:
 def make_rewrite(standins: dict[str, str], world: Path, out: Path, seen: dict) -> Callable:
     def rewrite(cfg) -> None:
         m, d, t = cfg.model, cfg.data, cfg.trainer
-        for part in (m.vision, m.llm):
+        towers = list(m.vision.fused.towers) if m.vision.kind == "fused" else [m.vision]
+        for part in (*towers, m.llm):
             assert part.name_or_path in standins, (
                 f"no stand-in for {part.name_or_path!r}: add it to HUB_STANDINS"
             )
             part.name_or_path = standins[part.name_or_path]
+        for tower in towers:  # every stand-in takes its own (tiny) input size
+            tower.image_size = None
         # Shards: where the converters write them (data/...) or the tiny world (artifacts/tiny/data).
         for pattern in (p for item in d.train for p in _patterns(item)):
             assert pattern.startswith(
@@ -251,11 +280,13 @@ def _intended(model, intent: Intent) -> set[str]:
         if want is True:
             names |= {f"{comp}.{n}" for n, _ in module.named_parameters()}
         elif want is not False:
-            blocks = model.vision.blocks()
-            assert len(blocks) > want, (
-                f"stand-in tower has {len(blocks)} blocks; the recipe tunes from block {want}"
-            )
-            tuned = {id(p) for b in list(blocks)[want:] for p in b.parameters()}
+            tuned = set()
+            for tower in model.vision.sub_towers():  # a fused tower's towers: each from block k
+                blocks = tower.blocks()
+                assert len(blocks) > want, (
+                    f"stand-in tower has {len(blocks)} blocks; the recipe tunes from block {want}"
+                )
+                tuned |= {id(p) for b in list(blocks)[want:] for p in b.parameters()}
             names |= {f"vision.{n}" for n, p in module.named_parameters() if id(p) in tuned}
     return names
 

@@ -19,7 +19,7 @@ from lmm.model.freeze import apply_policy
 from lmm.model.towers import VISION_TOWERS, VisionConfig, build_vision_tower
 from lmm.standins.vision import STANDIN_TOWERS, build_tower
 
-KINDS = list(STANDIN_TOWERS)  # clip, siglip, open_clip, timm_vit, timm_cnn
+KINDS = list(STANDIN_TOWERS)  # clip, siglip, open_clip, timm_vit, timm_cnn, dinov2, ...
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +57,16 @@ def test_standin_loads_with_the_advertised_shape_and_spec(standins, kind):
 
 
 def test_unknown_standin_and_unknown_kind():
-    with pytest.raises(ConfigError, match="known: clip, siglip, open_clip, timm_vit, timm_cnn"):
+    with pytest.raises(
+        ConfigError, match="known: clip, siglip, open_clip, timm_vit, timm_cnn, dinov2"
+    ):
         build_tower("clip_vit", "/nonexistent")
     with pytest.raises(UnknownComponentError) as info:
         build_vision_tower(VisionConfig(kind="timm_vit"))
-    assert "model.vision.kind" in str(info.value) and "known: hf, open_clip, timm" in str(
+    assert "model.vision.kind" in str(info.value) and "known: fused, hf, open_clip, timm" in str(
         info.value
     )
-    assert VISION_TOWERS.names() == ["hf", "open_clip", "timm"]
+    assert VISION_TOWERS.names() == ["fused", "hf", "open_clip", "timm"]
 
 
 # -- transformers CLIP / SigLIP -----------------------------------------------------------------
@@ -137,7 +139,97 @@ def test_hf_refuses_other_model_types(tmp_path):
     with pytest.raises(ConfigError) as info:
         build_vision_tower(VisionConfig(name_or_path=str(tmp_path)))
     msg = str(info.value)
-    assert "'vit'" in msg and "clip, clip_vision_model, siglip, siglip_vision_model" in msg
+    assert (
+        "'vit'" in msg and "clip, clip_vision_model, dinov2, dinov2_with_registers, siglip" in msg
+    )
+
+
+# -- transformers DINOv2 ------------------------------------------------------------------------
+
+
+def _dinov2_reference(path: str):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path).eval()  # Dinov2Model / Dinov2WithRegistersModel
+
+
+@pytest.mark.parametrize("kind, registers", [("dinov2", 0), ("dinov2_registers", 4)])
+@pytest.mark.parametrize("feature_layer", [None, -1, 1])
+@pytest.mark.parametrize("select", ["auto", "patch", "full"])
+def test_dinov2_features_are_the_models_hidden_state(
+    standins, kind, registers, feature_layer, select
+):
+    """Tokens = grid^2 + CLS + registers - dropped; features = transformers' own hidden state
+    (the layer's output before the final layernorm), CLS and registers dropped under auto."""
+    s = standins[kind]
+    reference = _dinov2_reference(s.name_or_path)
+    assert getattr(reference.config, "num_register_tokens", 0) == registers
+    tower = _tower(s, feature_layer=feature_layer, select=select)
+    dropped = {"auto": 1 + registers, "patch": 1, "full": 0}[select]
+    assert tower.num_tokens == (s.image_size // 8) ** 2 + 1 + registers - dropped
+    pv = _pixels(s.image_size)
+    with torch.no_grad():
+        layer = -2 if feature_layer is None else feature_layer
+        expected = reference(pixel_values=pv, output_hidden_states=True).hidden_states[layer]
+        got = tower(pv)
+    torch.testing.assert_close(got, expected[:, dropped:], rtol=0, atol=1e-5)
+    assert len(tower.blocks()) == {None: 2, -1: 3, 1: 1}[feature_layer]
+    assert all(a is b for a, b in zip(tower.blocks(), tower.model.encoder.layer))
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2_registers"])
+def test_dinov2_drops_its_final_norm_and_mask_token(standins, kind):
+    s = standins[kind]
+    reference = _dinov2_reference(s.name_or_path)
+    tower = _tower(s, feature_layer=-1, select="full")
+    pv = _pixels(s.image_size, seed=4)
+    with torch.no_grad():  # the model's own output is the final layernorm of the tower's features
+        torch.testing.assert_close(
+            reference.layernorm(tower(pv)),
+            reference(pixel_values=pv).last_hidden_state,
+            rtol=0,
+            atol=1e-5,
+        )
+    names = [n for n, _ in tower.named_parameters()]
+    assert not any(n.startswith("model.layernorm.") or n.endswith("mask_token") for n in names)
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2_registers"])
+def test_dinov2_takes_its_processors_crop_size_and_normalisation(standins, kind):
+    """Like facebook/dinov2-* (config 518 px, processor crop 224): the config says 48 px, the
+    saved BitImageProcessor crops 32 px with ImageNet mean/std; the tower runs at 32."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    s = standins[kind]
+    processor = AutoImageProcessor.from_pretrained(s.name_or_path)
+    assert type(processor).__name__ == "BitImageProcessor"
+    assert AutoConfig.from_pretrained(s.name_or_path).image_size == 48
+    spec = _tower(s).image_spec
+    assert spec.size == processor.crop_size["height"] == 32
+    assert (spec.mean, spec.std) == (tuple(processor.image_mean), tuple(processor.image_std))
+    assert spec.mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2_registers", "clip", "siglip"])
+@pytest.mark.parametrize("size", [24, 48])
+def test_hf_image_size_interpolates_position_embeddings(standins, kind, size):
+    """model.vision.image_size: DINOv2 interpolates on its own; CLIP / SigLIP are asked to
+    (interpolate_pos_encoding=True). Features equal transformers' at that input size."""
+    s = standins[kind]
+    reference = _dinov2_reference(s.name_or_path) if kind.startswith("dinov2") else None
+    if reference is None:
+        from transformers import CLIPVisionModel, SiglipVisionModel
+
+        cls = CLIPVisionModel if kind == "clip" else SiglipVisionModel
+        reference = cls.from_pretrained(s.name_or_path).eval()
+    tower = _tower(s, image_size=size)
+    prefix = {"dinov2": 1, "dinov2_registers": 5, "clip": 1, "siglip": 0}[kind]
+    assert tower.num_tokens == (size // 8) ** 2 and tower.image_spec.size == size
+    pv = _pixels(size, seed=2)
+    extra = {} if kind.startswith("dinov2") else {"interpolate_pos_encoding": True}
+    with torch.no_grad():
+        expected = reference(pixel_values=pv, output_hidden_states=True, **extra).hidden_states[-2]
+        torch.testing.assert_close(tower(pv), expected[:, prefix:], rtol=0, atol=1e-5)
 
 
 # -- open_clip ----------------------------------------------------------------------------------
@@ -241,6 +333,47 @@ def test_timm_vit_last_layer_matches_forward_features(standins):
         )
     names = [n for n, _ in tower.named_parameters()]
     assert not any(n.startswith(("model.norm.", "model.head.", "model.fc_norm.")) for n in names)
+
+
+@pytest.mark.parametrize("kind, prefix", [("timm_dinov2", 1), ("timm_dinov2_reg4", 5)])
+def test_timm_dinov2_features_are_prismatics_featurizer_output(standins, kind, prefix):
+    """Prismatic's DINOv2 featurizer (dinosiglip_vit.py / dinov2_vit.py) is timm's
+    ``get_intermediate_layers(x, n={len(blocks) - 2})``: second-to-last block, patch tokens
+    only, no final norm. lmm's default (feature_layer -2, select auto) is the same tensor."""
+    s = standins[kind]
+    ref = _timm_reference(s.name_or_path)
+    assert ref.num_prefix_tokens == prefix
+    tower = _tower(s)
+    assert tower.num_tokens == (s.image_size // 8) ** 2
+    pv = _pixels(s.image_size)
+    with torch.no_grad():
+        (expected,) = ref.get_intermediate_layers(pv, n={len(ref.blocks) - 2})
+        torch.testing.assert_close(tower(pv), expected, rtol=0, atol=1e-5)
+    full = _tower(s, select="full")
+    assert full.num_tokens == (s.image_size // 8) ** 2 + prefix
+
+
+@pytest.mark.parametrize("kind", ["timm_dinov2_reg4", "timm_siglip", "timm_vit"])
+def test_timm_image_size_is_timms_own_img_size(standins, kind):
+    """model.vision.image_size=48 gives what ``timm.create_model(..., img_size=48)`` gives (the
+    way Prismatic builds its 384 px towers from 518 px checkpoints): 6x6 patches."""
+    import timm
+
+    s = standins[kind]
+    ref = timm.create_model(f"local-dir:{s.name_or_path}", pretrained=True, img_size=48).eval()
+    tower = _tower(s, image_size=48)
+    assert tower.num_tokens == 36 and tower.image_spec.size == 48
+    pv = _pixels(48)
+    with torch.no_grad():
+        (expected,) = ref.get_intermediate_layers(pv, n={len(ref.blocks) - 2})
+        torch.testing.assert_close(tower(pv), expected, rtol=0, atol=1e-5)
+
+
+def test_image_size_on_a_cnn_and_on_open_clip(standins):
+    cnn = _tower(standins["timm_cnn"], image_size=96)
+    assert cnn.image_spec.size == 96 and cnn.num_tokens == (96 // 32) ** 2
+    with pytest.raises(ConfigError, match="model.vision.image_size=48: kind 'open_clip'"):
+        _tower(standins["open_clip"], image_size=48)
 
 
 def test_timm_vit_with_registers_drops_every_prefix_token(tmp_path):
@@ -419,6 +552,11 @@ _CONFIG_ONLY = {
     "open_clip": ["open_clip_config.json"],
     "timm_vit": ["config.json"],
     "timm_cnn": ["config.json"],
+    "dinov2": ["config.json", "preprocessor_config.json"],
+    "dinov2_registers": ["config.json", "preprocessor_config.json"],
+    "timm_dinov2": ["config.json"],
+    "timm_dinov2_reg4": ["config.json"],
+    "timm_siglip": ["config.json"],
 }
 
 

@@ -100,9 +100,11 @@ def plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def complete_vision_state(model) -> dict[str, torch.Tensor]:
     """The tower's state plus identity-initialised norms for the modules lmm removed.
 
-    lmm drops the final norm / pooling head (they never reach the features); the
-    transformers class still declares them, so without these entries every load would
-    report them missing. Their values are unused: features are read before them.
+    lmm drops the final norm / pooling head (they never reach the features) and DINOv2's
+    pretraining ``mask_token``; the transformers class still declares them, so without these
+    entries every load would report them missing. Their values are unused: features are read
+    before the norms, and the mask token only replaces patches masked in pretraining (it is
+    written as zeros, transformers' own initial value).
     """
     state = dict(plain_state(model))
     with torch.device("meta"):
@@ -111,6 +113,9 @@ def complete_vision_state(model) -> dict[str, torch.Tensor]:
         if name in state:
             continue
         owner = reference.get_submodule(name.rpartition(".")[0])
+        if name.endswith(".mask_token"):
+            state[name] = torch.zeros(t.shape, dtype=next(iter(model.parameters())).dtype)
+            continue
         if not isinstance(owner, nn.LayerNorm):
             raise CheckpointError(
                 f"vision tower: parameter {name!r} is missing and is not a removed norm"

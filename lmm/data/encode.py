@@ -163,8 +163,8 @@ class SampleEncoder:
         return torch.stack([self.transform(img) for img in images]) if images else self._no_pixels()
 
     def _no_pixels(self) -> torch.Tensor:
-        s = self.processor.image_spec.size
-        return torch.zeros(0, 3, s, s)
+        spec = self.processor.image_spec
+        return torch.zeros(0, spec.channels, spec.size, spec.size)
 
     # -- tokenization -----------------------------------------------------------------------
 

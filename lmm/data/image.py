@@ -181,12 +181,18 @@ def fit_square(
 
 
 class ImageTransform:
-    """RGB conversion, fit into the tower's square input (``spec.preprocess``), normalisation."""
+    """RGB conversion, fit into the tower's square input (``spec.preprocess``), normalisation.
+
+    A spec with several views (a fused tower's ``StackedImageSpec``) gives each view's tensor,
+    prepared from the original image as that view's own transform would, stacked along channels.
+    """
 
     def __init__(self, spec: ImageSpec) -> None:
         self.spec = spec
         self._mean = torch.tensor(spec.mean).view(3, 1, 1)
         self._std = torch.tensor(spec.std).view(3, 1, 1)
+        views = spec.views
+        self._others = [ImageTransform(v) for v in views[1:]] if len(views) > 1 else []
 
     def prepare(self, img: Image.Image) -> Image.Image:
         """Any PIL image -> the ``size x size`` RGB image the tower sees (before normalisation)."""
@@ -198,11 +204,17 @@ class ImageTransform:
         )
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        """Any PIL image -> ``[3, size, size]`` normalised float tensor."""
-        return self.normalise(self.prepare(img))
+        """Any PIL image -> ``[spec.channels, size, size]`` normalised float tensor."""
+        own = self._normalise(self.prepare(img))
+        return torch.cat([own, *(t(img) for t in self._others)]) if self._others else own
 
     def normalise(self, rgb: Image.Image) -> torch.Tensor:
-        """An RGB image already at the tower's size (e.g. an AnyRes crop) -> normalised tensor."""
+        """An RGB image already at the tower's size (e.g. an AnyRes crop) -> normalised tensor
+        (every view's normalisation of the same pixels)."""
+        own = self._normalise(rgb)
+        return torch.cat([own, *(t.normalise(rgb) for t in self._others)]) if self._others else own
+
+    def _normalise(self, rgb: Image.Image) -> torch.Tensor:
         x = (
             torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
             .permute(2, 0, 1)
@@ -213,4 +225,4 @@ class ImageTransform:
 
     def blank(self) -> torch.Tensor:
         """An image with no content: the mean colour, i.e. all zeros after normalisation."""
-        return torch.zeros(3, self.spec.size, self.spec.size)
+        return torch.zeros(self.spec.channels, self.spec.size, self.spec.size)

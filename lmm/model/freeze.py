@@ -22,7 +22,8 @@ class FreezeConfig:
         vision: ``full`` trains the tower, ``frozen`` freezes it, ``partial`` freezes the
             patch embedding and the blocks before ``vision_from_layer``, ``lora`` freezes it
             and trains low-rank adapters (``vision_lora``).
-        vision_from_layer: First trainable tower block under ``partial`` (e.g. 12).
+        vision_from_layer: First trainable tower block under ``partial`` (e.g. 12); for a fused
+            tower, in each of its towers.
         vision_lora: Adapters of the tower under ``lora``.
         connector: ``full`` or ``frozen``.
         llm: ``full``, ``frozen``, ``partial`` (token embeddings and blocks before

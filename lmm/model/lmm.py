@@ -72,7 +72,11 @@ class LMM(nn.Module):
         self.llm = load_language_model(llm, self.tokenizer, dtype=dtype)
         text_dim = self.llm.get_input_embeddings().weight.shape[1]
         self.connector = build_connector(
-            connector, self.vision.hidden_size, text_dim, self.vision.num_tokens
+            connector,
+            self.vision.hidden_size,
+            text_dim,
+            self.vision.num_tokens,
+            token_groups=self.vision.token_groups,
         ).to(dtype)
         self.image_layout = build_layout(
             vision.anyres,
@@ -103,15 +107,19 @@ class LMM(nn.Module):
         return {"vision": self.vision, "connector": self.connector, "llm": self.llm}
 
     def apply_freeze(self, cfg: FreezeConfig) -> str:
-        """Apply a stage's freeze policy; returns the parameter table."""
-        apply_policy(
-            self.vision,
-            cfg.vision,
-            self.vision.blocks(),
-            cfg.vision_from_layer,
-            "model.freeze.vision",
-            cfg.vision_lora,
-        )
+        """Apply a stage's freeze policy; returns the parameter table.
+
+        The vision policy applies to each of ``vision.sub_towers()`` (a fused tower's towers)
+        with its own blocks: ``partial`` freezes the first ``vision_from_layer`` blocks of each."""
+        for tower in self.vision.sub_towers():
+            apply_policy(
+                tower,
+                cfg.vision,
+                tower.blocks(),
+                cfg.vision_from_layer,
+                "model.freeze.vision",
+                cfg.vision_lora,
+            )
         apply_policy(self.connector, cfg.connector, None, 0, "model.freeze.connector")
         apply_policy(
             self.llm,

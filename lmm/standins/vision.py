@@ -16,6 +16,18 @@ through the same code a hub name takes. Nothing is downloaded.
   (``config.json`` + ``model.safetensors``); kind ``timm``; 32 px, 8 px patches: 16 tokens.
 - ``timm_cnn``: a timm ``ResNet`` (4 one-block stages, widths 8-32) written by ``save_for_hf``
   with a 64 px input size; kind ``timm``; final stride 32: a 2x2 map, 4 tokens.
+- ``dinov2``: transformers ``Dinov2Model`` + ``BitImageProcessor`` as ``facebook/dinov2-*`` ship
+  them (ImageNet mean/std, shortest edge resized then a centre crop smaller than the config's
+  ``image_size``: 36 then 32 px here, 256 then 224 on the hub, where the config says 518);
+  kind ``hf``; 8 px patches, 32 px input: 16 tokens (CLS dropped).
+- ``dinov2_registers``: transformers ``Dinov2WithRegistersModel`` (4 register tokens) + the same
+  processor; kind ``hf``; 16 tokens (CLS and registers dropped).
+- ``timm_dinov2``: timm ``vit_small_patch14_dinov2`` shrunk (``save_for_hf``); kind ``timm``;
+  32 px, 8 px patches: 16 tokens (CLS dropped).
+- ``timm_dinov2_reg4``: timm ``vit_large_patch14_reg4_dinov2`` shrunk (Prismatic's DINOv2);
+  kind ``timm``; 16 tokens (CLS and 4 registers dropped).
+- ``timm_siglip``: timm ``vit_so400m_patch14_siglip_384`` shrunk (Prismatic's SigLIP); kind
+  ``timm``; 16 tokens (no CLS).
 
 The ViTs are width 32, 3 layers, 2 heads (a few hundred KB on disk).
 
@@ -34,6 +46,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -180,25 +193,6 @@ def _open_clip(out: Path) -> TowerStandIn:
     )
 
 
-def _timm_vit(out: Path) -> TowerStandIn:
-    import timm
-    from timm.models import save_for_hf
-
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=_IMAGE,
-        patch_size=_PATCH,
-        embed_dim=_WIDTH,
-        depth=_LAYERS,
-        num_heads=_HEADS,
-        num_classes=0,
-    )
-    save_for_hf(model, str(out), safe_serialization=True)
-    half = (0.5, 0.5, 0.5)  # vit_tiny_patch16_224's own pretrained config
-    return TowerStandIn("timm", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, half, half)
-
-
 _CNN_IMAGE, _CNN_CHANNELS = 64, (8, 16, 24, 32)
 
 
@@ -237,13 +231,88 @@ def _timm_cnn(out: Path) -> TowerStandIn:
     )
 
 
+# DINOv2 as published: the processor crops less than the config's image_size (hub: 518 vs
+# 256 -> 224), so the tower runs at the crop size with interpolated position embeddings.
+_DINO_CONFIG_IMAGE, _DINO_RESIZE = 48, 36
+
+
+def _dinov2(out: Path, registers: int = 0) -> TowerStandIn:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from transformers import (
+        BitImageProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
+
+    sizes = dict(
+        hidden_size=_WIDTH,
+        num_hidden_layers=_LAYERS,
+        num_attention_heads=_HEADS,
+        mlp_ratio=2,
+        image_size=_DINO_CONFIG_IMAGE,
+        patch_size=_PATCH,
+    )
+    if registers:
+        model = Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(num_register_tokens=registers, **sizes)
+        )
+    else:
+        model = Dinov2Model(Dinov2Config(**sizes))
+    model.save_pretrained(out)
+    mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    BitImageProcessor(
+        size={"shortest_edge": _DINO_RESIZE},
+        crop_size={"height": _IMAGE, "width": _IMAGE},
+        image_mean=list(mean),
+        image_std=list(std),
+    ).save_pretrained(out)
+    return TowerStandIn("hf", str(out), _GRID, _WIDTH, _IMAGE, _LAYERS, _LAYERS - 1, mean, std)
+
+
+def _timm_shrunk(out: Path, arch: str) -> TowerStandIn:
+    """A timm ViT of architecture ``arch`` at the shared tiny sizes, with its own mean/std."""
+    import timm
+    from timm.models import save_for_hf
+
+    model = timm.create_model(
+        arch,
+        pretrained=False,
+        img_size=_IMAGE,
+        patch_size=_PATCH,
+        embed_dim=_WIDTH,
+        depth=_LAYERS,
+        num_heads=_HEADS,
+        num_classes=0,
+    )
+    save_for_hf(model, str(out), safe_serialization=True)
+    data = timm.data.resolve_model_data_config(model)
+    return TowerStandIn(
+        "timm",
+        str(out),
+        _GRID,
+        _WIDTH,
+        _IMAGE,
+        _LAYERS,
+        _LAYERS - 1,
+        tuple(data["mean"]),
+        tuple(data["std"]),
+    )
+
+
 # Exact names; every builder writes into an empty directory.
 STANDIN_TOWERS: dict[str, Callable[[Path], TowerStandIn]] = {
     "clip": _clip,
     "siglip": _siglip,
     "open_clip": _open_clip,
-    "timm_vit": _timm_vit,
+    "timm_vit": partial(_timm_shrunk, arch="vit_tiny_patch16_224"),
     "timm_cnn": _timm_cnn,
+    "dinov2": _dinov2,
+    "dinov2_registers": partial(_dinov2, registers=4),
+    "timm_dinov2": partial(_timm_shrunk, arch="vit_small_patch14_dinov2"),
+    "timm_dinov2_reg4": partial(_timm_shrunk, arch="vit_large_patch14_reg4_dinov2"),
+    "timm_siglip": partial(_timm_shrunk, arch="vit_so400m_patch14_siglip_384"),
 }
 
 
@@ -251,7 +320,9 @@ def build_tower(kind: str, out_dir: str | Path, seed: int = 0) -> TowerStandIn:
     """Write a tiny random-init tower of ``kind`` to ``out_dir/<kind>/`` and describe it.
 
     Args:
-        kind: ``clip``, ``siglip``, ``open_clip``, ``timm_vit`` or ``timm_cnn``.
+        kind: A name of ``STANDIN_TOWERS`` (``clip``, ``siglip``, ``open_clip``, ``timm_vit``,
+            ``timm_cnn``, ``dinov2``, ``dinov2_registers``, ``timm_dinov2``,
+            ``timm_dinov2_reg4``, ``timm_siglip``).
         out_dir: Parent directory (several kinds can share it).
         seed: Seed of the random initialisation (same seed, same weights).
 

@@ -12,10 +12,10 @@ from lmm.visual.image_spec import ImageSpec
 
 
 def denormalise(pixels: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    """``[3, H, W]`` normalised -> ``[H, W, 3]`` in [0, 1]."""
+    """``[C, H, W]`` normalised -> ``[H, W, 3]`` in [0, 1] (a fused tower's input: its first view)."""
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
-    return (pixels.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+    return (pixels[:3].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
 
 
 def examples_figure(

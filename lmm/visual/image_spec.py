@@ -4,7 +4,7 @@ is fitted into its square input."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 from lmm.errors import ConfigError
@@ -22,7 +22,15 @@ PREPROCESS_MODES: tuple[str, ...] = ("resize", "pad", "letterbox")
 # Defaults by model type, for towers saved without a preprocessor_config.json.
 _OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-_DEFAULT_NORM = {"clip_vision_model": _OPENAI_CLIP, "siglip_vision_model": _HALF}
+# DINOv2 was trained on ImageNet statistics (every facebook/dinov2-* processor config carries
+# them; BitImageProcessor's class default would be CLIP's).
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_DEFAULT_NORM = {
+    "clip_vision_model": _OPENAI_CLIP,
+    "siglip_vision_model": _HALF,
+    "dinov2": _IMAGENET,
+    "dinov2_with_registers": _IMAGENET,
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,17 @@ class ImageSpec:
         """The same spec with another aspect handling (validated)."""
         return replace(self, preprocess=preprocess)
 
+    @property
+    def views(self) -> tuple["ImageSpec", ...]:
+        """The normalisations an image is prepared with, in channel order: this spec alone
+        (a :class:`StackedImageSpec` has one per tower)."""
+        return (self,)
+
+    @property
+    def channels(self) -> int:
+        """Channels of a prepared image: 3 per view."""
+        return 3 * len(self.views)
+
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, model_type: str, size: int, preprocess: str = "pad"
@@ -91,3 +110,41 @@ class ImageSpec:
             mean = tuple(cfg.get("image_mean", mean))
             std = tuple(cfg.get("image_std", std))
         return cls(size=size, mean=mean, std=std, preprocess=preprocess)
+
+
+Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+@dataclass(frozen=True)
+class StackedImageSpec(ImageSpec):
+    """One image prepared for several towers at once (a fused tower).
+
+    Every view has this spec's geometry (size, aspect handling: the same pixels reach every
+    tower, so their patches line up); view 0 has this spec's mean/std, view k those of
+    ``others[k - 1]``, and each view pads with its own mean colour. A prepared image holds the
+    views' channels one after another, ``3 * (1 + len(others))`` of them; view k is exactly what
+    a single tower with that normalisation is given.
+
+    Args:
+        others: ``(mean, std)`` of every further view, in tower order.
+    """
+
+    others: tuple[Normalisation, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Each normalisation is checked (and made tuples of floats) as a spec of its own.
+        checked = [replace(self.views[0], mean=m, std=s) for m, s in self.others]
+        object.__setattr__(self, "others", tuple((v.mean, v.std) for v in checked))
+
+    @property
+    def views(self) -> tuple[ImageSpec, ...]:
+        base = ImageSpec(**{f.name: getattr(self, f.name) for f in fields(ImageSpec)})
+        return (base, *(replace(base, mean=m, std=s) for m, s in self.others))
+
+    @classmethod
+    def of(cls, specs: list[ImageSpec]) -> "StackedImageSpec":
+        """The first spec's geometry with every spec's normalisation."""
+        first = specs[0]
+        base = {f.name: getattr(first, f.name) for f in fields(ImageSpec)}
+        return cls(**base, others=tuple((s.mean, s.std) for s in specs[1:]))

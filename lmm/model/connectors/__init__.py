@@ -2,7 +2,8 @@
 
 A connector is a class in ``lmm/model/connectors/`` plus one entry in ``CONNECTORS`` below.
 Its factory is called as ``factory(vision_dim, text_dim, num_tokens, **options)``, where
-``options`` are the :class:`ConnectorConfig` fields the entry declares. Every connector
+``options`` are the :class:`ConnectorConfig` fields the entry declares (and ``token_groups``,
+the tower's, for an entry with per-tower weights). Every connector
 exposes ``num_output_tokens`` so the data side can expand ``<image>`` to the right count
 before the model runs.
 """
@@ -16,8 +17,10 @@ from typing import Callable, Optional, Union
 from torch import nn
 
 from lmm.errors import ConfigError
-from lmm.model.connectors.mlp import MLP, Identity, PoolMLP
+from lmm.model.connectors.mlp import MLP, FusedMLP, Identity, PoolMLP
+from lmm.model.connectors.mof_mlp import MoFMLP
 from lmm.model.connectors.pixel_shuffle import PixelShuffleMLP
+from lmm.model.connectors.qformer import QFormer
 from lmm.model.connectors.resampler import Resampler
 from lmm.registry import Registry
 
@@ -28,13 +31,21 @@ class ConnectorConfig:
 
     Args:
         name: Registry name: ``identity``, ``linear``, ``mlp{2,3,4}x_gelu``, ``pool2x2_mlp2x_gelu``,
-            ``resampler`` or ``pixel_shuffle``.
-        num_queries: ``resampler``: learned queries, i.e. image tokens the LM sees.
+            ``resampler``, ``pixel_shuffle``, ``fused_gelu_mlp`` (Prismatic's projector for fused
+            towers), ``mof_mlp`` (an MLP per tower of an interleaving fused tower) or
+            ``qformer`` (BLIP-2's Q-Former).
+        num_queries: ``resampler``, ``qformer``: learned queries, i.e. image tokens the LM sees.
         depth: ``resampler``: cross-attention blocks.
-        heads: ``resampler``: attention heads (must divide the vision tower's width).
+        heads: ``resampler``: attention heads (must divide the vision tower's width);
+            ``qformer``: attention heads (must divide ``hidden_size``; BLIP-2: 12).
         factor: ``pixel_shuffle``: r; each r x r block of patch tokens becomes one token
             (r*r times fewer tokens; r must divide the side of the token grid).
-        mlp_depth: ``pixel_shuffle``: linear layers of the GELU MLP after the shuffle.
+        mlp_depth: ``pixel_shuffle``: linear layers of the GELU MLP after the shuffle;
+            ``mof_mlp``: linear layers of each tower's MLP.
+        num_layers: ``qformer``: Q-Former layers.
+        cross_attention_frequency: ``qformer``: a cross-attention to the image tokens in
+            layers 0, f, 2f, ... (BLIP-2: 2, every other layer).
+        hidden_size: ``qformer``: width of the Q-Former and its queries (BLIP-2: 768).
         output_init_std: Any connector with a linear output layer: re-initialise that layer
             from N(0, std^2) with a zero bias (None: PyTorch's default). A from-scratch LM's
             token embeddings have std 0.02; a default-initialised connector writes image
@@ -47,6 +58,9 @@ class ConnectorConfig:
     heads: int = 8
     factor: int = 2
     mlp_depth: int = 2
+    num_layers: int = 12
+    cross_attention_frequency: int = 2
+    hidden_size: int = 768
     output_init_std: Optional[float] = None
 
 
@@ -60,10 +74,14 @@ _DEFAULTS = ConnectorConfig()
 
 @dataclass(frozen=True)
 class ConnectorEntry:
-    """A registry entry: the factory and the :class:`ConnectorConfig` options it reads."""
+    """A registry entry: the factory and the :class:`ConnectorConfig` options it reads.
+
+    ``per_tower``: the factory also takes ``token_groups``, the tower's count of interleaved
+    towers (``VisionTower.token_groups``), and gives each its own weights."""
 
     factory: Callable[..., nn.Module]
     options: tuple[str, ...] = ()
+    per_tower: bool = False
 
 
 CONNECTORS: Registry[ConnectorEntry] = Registry("connector")
@@ -74,6 +92,15 @@ for _depth in (2, 3, 4):
 CONNECTORS.add("pool2x2_mlp2x_gelu", ConnectorEntry(partial(PoolMLP, pool=2, depth=2)))
 CONNECTORS.add("resampler", ConnectorEntry(Resampler, ("num_queries", "depth", "heads")))
 CONNECTORS.add("pixel_shuffle", ConnectorEntry(PixelShuffleMLP, ("factor", "mlp_depth")))
+CONNECTORS.add("fused_gelu_mlp", ConnectorEntry(FusedMLP))
+CONNECTORS.add("mof_mlp", ConnectorEntry(MoFMLP, ("mlp_depth",), per_tower=True))
+CONNECTORS.add(
+    "qformer",
+    ConnectorEntry(
+        QFormer,
+        ("num_queries", "num_layers", "cross_attention_frequency", "hidden_size", "heads"),
+    ),
+)
 
 
 def as_connector_config(spec: ConnectorSpec | dict) -> ConnectorConfig:
@@ -88,10 +115,14 @@ def as_connector_config(spec: ConnectorSpec | dict) -> ConnectorConfig:
 
 
 def build_connector(
-    spec: ConnectorSpec | dict, vision_dim: int, text_dim: int, num_tokens: int
+    spec: ConnectorSpec | dict,
+    vision_dim: int,
+    text_dim: int,
+    num_tokens: int,
+    token_groups: int = 1,
 ) -> nn.Module:
     """Build the connector named by ``spec`` for a tower of width ``vision_dim`` giving
-    ``num_tokens`` tokens and an LM of width ``text_dim``.
+    ``num_tokens`` tokens (of ``token_groups`` interleaved towers) and an LM of width ``text_dim``.
 
     An option set away from its default on a connector that does not read it is an error:
     it would otherwise be silently ignored.
@@ -109,9 +140,10 @@ def build_connector(
         raise ConfigError(
             f"model.connector.{ignored[0]} does not apply to connector {cfg.name!r} (it reads: {reads})"
         )
-    module = entry.factory(
-        vision_dim, text_dim, num_tokens, **{k: getattr(cfg, k) for k in entry.options}
-    )
+    kwargs = {k: getattr(cfg, k) for k in entry.options}
+    if entry.per_tower:
+        kwargs["token_groups"] = token_groups
+    module = entry.factory(vision_dim, text_dim, num_tokens, **kwargs)
     if cfg.output_init_std is not None:
         linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
         if not linears or linears[-1].out_features != text_dim:

@@ -1,4 +1,5 @@
-"""Token-preserving connectors (identity, linear, GELU MLPs) and 2x2 average pooling + MLP."""
+"""Token-preserving connectors (identity, linear, GELU MLPs, Prismatic's fused MLP) and 2x2
+average pooling + MLP."""
 
 from __future__ import annotations
 
@@ -53,6 +54,27 @@ class MLP(nn.Module):
     def __init__(self, vision_dim: int, text_dim: int, num_tokens: int, depth: int = 2) -> None:
         super().__init__()
         self.layers = make_mlp(vision_dim, text_dim, depth)
+        self.num_output_tokens = num_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class FusedMLP(nn.Module):
+    """Prismatic's ``fused-gelu-mlp`` projector for fused towers (``prismatic/util/nn_utils.py``,
+    ``FusedMLPProjector``): ``Linear(D, 4D) -> GELU -> Linear(4D, Dl) -> GELU -> Linear(Dl, Dl)``,
+    a 4x-wide first layer over the concatenated features."""
+
+    def __init__(self, vision_dim: int, text_dim: int, num_tokens: int) -> None:
+        super().__init__()
+        wide = 4 * vision_dim
+        self.layers = nn.Sequential(
+            nn.Linear(vision_dim, wide),
+            nn.GELU(),
+            nn.Linear(wide, text_dim),
+            nn.GELU(),
+            nn.Linear(text_dim, text_dim),
+        )
         self.num_output_tokens = num_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ size, normalisation, aspect handling: what the data side must do to an image), a
 
 A tower kind is a class (or factory) plus an exact-name entry in ``VISION_TOWERS``
 (``lmm.model.towers``); the YAML
-names the entry (``model.vision.kind``). Kinds: ``hf`` (transformers CLIP / SigLIP, in
-``towers/hf.py``), ``open_clip`` (open_clip ViTs, ``towers/open_clip.py``), ``timm`` (timm
-ViTs and CNNs, ``towers/timm.py``).
+names the entry (``model.vision.kind``). Kinds: ``hf`` (transformers CLIP / SigLIP / DINOv2,
+in ``towers/hf.py``), ``open_clip`` (open_clip ViTs, ``towers/open_clip.py``), ``timm`` (timm
+ViTs and CNNs, ``towers/timm.py``), ``fused`` (several towers on one image, ``towers/fused.py``).
 
 Everything after the selected ``feature_layer`` (later blocks, final norm, pooling head,
 projection) is removed at load time: it cannot influence the features, costs compute, and
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lmm.errors import ConfigError, MissingWeightsError
+from lmm.model.towers.fused_config import FusedConfig
 from lmm.visual.anyres import AnyResConfig
 from lmm.visual.image_spec import ImageSpec, Preprocess
 from lmm.visual.video import VideoConfig
@@ -41,9 +42,11 @@ class VisionConfig:
 
     Args:
         kind: Tower implementation (registry ``VISION_TOWERS``): ``hf`` (transformers CLIP /
-            SigLIP), ``open_clip`` (an open_clip ViT), ``timm`` (a timm ViT or CNN).
+            SigLIP / DINOv2), ``open_clip`` (an open_clip ViT), ``timm`` (a timm ViT or CNN),
+            ``fused`` (the towers of ``fused`` on the same image).
         name_or_path: Where the pretrained tower is. ``hf``: hub name or local directory
-            (``openai/clip-vit-large-patch14-336``, ``google/siglip-so400m-patch14-384``).
+            (``openai/clip-vit-large-patch14-336``, ``google/siglip-so400m-patch14-384``,
+            ``facebook/dinov2-large``).
             ``open_clip``: ``hf-hub:ORG/REPO`` or a local directory holding
             ``open_clip_config.json`` and the weights. ``timm``: a timm name with a pretrained
             tag (``vit_base_patch16_clip_224.openai``), ``hf-hub:timm/NAME``, or a local
@@ -52,13 +55,20 @@ class VisionConfig:
             to last (LLaVA), k >= 1 = block k. For a CNN a block is a stage, and -1 is its final
             feature map. None: the tower's default (-2 for ViTs, -1 for CNNs).
         select: Which tokens of that output: ``auto`` keeps the patch tokens only (drops CLIP's
-            and open_clip's CLS and timm's prefix/register tokens, keeps every SigLIP patch:
-            SigLIP has no CLS); ``patch`` always drops the first token (LLaVA's ``patch``; on
+            and open_clip's CLS, DINOv2's CLS and registers and timm's prefix/register tokens,
+            keeps every SigLIP patch: SigLIP has no CLS); ``patch`` always drops the first token (LLaVA's ``patch``; on
             SigLIP this loses a real patch); ``full`` keeps every token.
         image_preprocess: How a non-square image becomes the tower's square input: ``pad``
             (pad to a square with the mean colour, then resize; LLaVA-1.5), ``letterbox``
             (scale to fit keeping the aspect ratio, pad with the mean colour) or ``resize``
             (squash). With ``anyres`` it shapes the base view; the crops keep the aspect ratio.
+        image_size: Side of the square input in pixels. None: the tower's own (``hf``: the
+            config's ``image_size``, for DINOv2 its processor's crop size, 224 for
+            ``facebook/dinov2-*`` whose config says 518; ``timm``: the pretrained input size).
+            Another size interpolates the position embeddings: ``hf`` on every forward, bicubic
+            as transformers does (CLIP/SigLIP through ``interpolate_pos_encoding``); ``timm``
+            ViTs once at load (``create_model(img_size=...)``: bicubic, antialiased). The side
+            must be a multiple of the patch size to use every pixel. Not for ``open_clip``.
         anyres: AnyRes views of a sample's single image (LLaVA-NeXT / OneVision): a base view
             plus a grid of crops, stitched, unpadded, budgeted, a newline per row (fields:
             ``--model.vision.anyres.help AnyResConfig``). None: one view per image. The
@@ -66,6 +76,8 @@ class VisionConfig:
         video: Video samples (json ``"modality": "video"``, frames as image members): frame
             cap and per-frame pooling (``--model.vision.video.help VideoConfig``). None: video
             samples are skipped as malformed.
+        fused: ``kind: fused`` only: the towers and how their features are joined (fields:
+            ``--model.vision.fused.help FusedConfig``).
     """
 
     kind: str = "hf"
@@ -73,8 +85,10 @@ class VisionConfig:
     feature_layer: Optional[int] = None
     select: Literal["auto", "patch", "full"] = "auto"
     image_preprocess: Preprocess = "pad"
+    image_size: Optional[int] = None
     anyres: Optional[AnyResConfig] = None
     video: Optional[VideoConfig] = None
+    fused: Optional[FusedConfig] = None
 
     def __post_init__(self) -> None:
         # Checkpoints (hyperparameters, lmm.json) store the nested settings as plain dicts.
@@ -82,6 +96,8 @@ class VisionConfig:
             self.anyres = AnyResConfig(**self.anyres)
         if isinstance(self.video, dict):
             self.video = VideoConfig(**self.video)
+        if isinstance(self.fused, dict):
+            self.fused = FusedConfig(**self.fused)
 
 
 class VisionTower(nn.Module, ABC):
@@ -91,11 +107,14 @@ class VisionTower(nn.Module, ABC):
         image_spec: What an image must look like for this tower (the data side applies it).
         hidden_size: Feature width ``D``.
         num_tokens: Tokens per image ``N`` (known before the model runs).
+        token_groups: How many towers' tokens alternate in the output (token ``i`` comes from
+            tower ``i % token_groups``): 1, except for a fused tower joined by ``interleave``.
     """
 
     image_spec: ImageSpec
     hidden_size: int
     num_tokens: int
+    token_groups: int = 1
 
     @abstractmethod
     def blocks(self) -> nn.ModuleList:
@@ -105,9 +124,15 @@ class VisionTower(nn.Module, ABC):
         (patch embedding / stem) and blocks ``< k``; nothing of the tower follows the blocks.
         """
 
+    def sub_towers(self) -> list["VisionTower"]:
+        """The towers freeze policies apply to one by one, each with its own ``blocks()``:
+        the tower itself, or a fused tower's towers."""
+        return [self]
+
     @abstractmethod
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` normalised pixels -> ``[B, num_tokens, hidden_size]``."""
+        """``[B, C, H, W]`` normalised pixels (``C = image_spec.channels``: 3, or 3 per tower
+        of a fused tower) -> ``[B, num_tokens, hidden_size]``."""
 
 
 # -- helpers shared by the tower kinds ------------------------------------------------------

@@ -41,6 +41,11 @@ class OpenCLIPTower(VisionTower):
         import open_clip
         from open_clip.transformer import VisionTransformer
 
+        if cfg.image_size is not None:
+            raise ConfigError(
+                f"model.vision.image_size={cfg.image_size}: kind 'open_clip' takes its checkpoint's own input "
+                "size; leave model.vision.image_size unset"
+            )
         source = library_source(cfg.name_or_path)
         if not source.startswith(("hf-hub:", "local-dir:")):
             # open_clip would build a built-in architecture with random weights: refuse, say what to write.

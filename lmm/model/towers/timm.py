@@ -10,6 +10,11 @@ a ViT, every stage for a CNN (ResNet ``layer1..4``, ConvNeXt ``stages.0..3``); t
 embedding comes before them. The features are timm's ``forward_intermediates`` output at the
 selected block, after the model has been pruned to it (``prune_intermediate_layers``: later
 blocks, final norm and classifier head removed).
+
+``model.vision.image_size`` other than the pretrained input size: a ViT is resized with timm's
+own ``set_input_size`` right after loading (position embeddings resampled once, bicubic with
+antialiasing: the same table ``create_model(..., img_size=S)`` gives, as Prismatic builds its
+towers); a CNN takes any size as it is.
 """
 
 from __future__ import annotations
@@ -61,10 +66,13 @@ class TimmTower(VisionTower):
         )
         data = timm.data.resolve_model_data_config(model)
         _, height, width = data["input_size"]
+        if cfg.image_size is not None and (cfg.image_size, cfg.image_size) != (height, width):
+            self._resize_input(model, cfg.image_size, cfg.name_or_path)
+            height = width = cfg.image_size
         if height != width:
             raise ConfigError(
                 f"model.vision.name_or_path={cfg.name_or_path!r}: timm input size {height}x{width} is not "
-                "square; lmm towers take square images"
+                "square; lmm towers take square images (set model.vision.image_size)"
             )
         for needed in ("forward_intermediates", "prune_intermediate_layers", "feature_info"):
             if not hasattr(model, needed):
@@ -105,6 +113,18 @@ class TimmTower(VisionTower):
         self.image_spec = ImageSpec(
             size=height, mean=data["mean"], std=data["std"], preprocess=cfg.image_preprocess
         )
+
+    @staticmethod
+    def _resize_input(model: nn.Module, size: int, name_or_path: str) -> None:
+        """Make ``model`` take ``size x size`` images (see the module docstring)."""
+        if getattr(model, "num_prefix_tokens", None) is None:
+            return  # a CNN: no position table, any size
+        if not hasattr(model, "set_input_size"):
+            raise ConfigError(
+                f"model.vision.image_size={size}: timm model {type(model).__name__} ({name_or_path!r}) cannot "
+                "change its input size (no set_input_size); leave model.vision.image_size unset"
+            )
+        model.set_input_size(img_size=(size, size))
 
     def train(self, mode: bool = True) -> "TimmTower":
         """Train mode, except frozen BatchNorm layers: they keep their pretrained running

@@ -186,7 +186,14 @@ def caption_words(model, world, n_images: int, batch: int = 64) -> None:
         model.image_token_id,
         model.image_layout,
     )
-    encoder = SampleEncoder(processor, get_template("plain"), 256)
+    # The tiny pretraining recipe's data settings (configs/tiny/pretrain.yaml).
+    encoder = SampleEncoder(
+        processor,
+        get_template("plain_eos"),
+        256,
+        image_placement="as_written",
+        tokenization="single_pass",
+    )
     samples = []
     for i in range(n_images):
         rng = image_rng(world, "probe_captions", i)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Optional, Sequence
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from data_prep.presets import PRESETS, Preset, detect_preset
 from lmm.constants import IMAGE_TOKEN
@@ -151,6 +151,12 @@ def load_image(path: Path, rel: str) -> tuple[str, bytes]:
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
                 return "png", buf.getvalue()
+    except UnidentifiedImageError:
+        # PIL's own message names the in-memory file by its repr (a memory address), which
+        # would make two identical conversions report differently.
+        raise SkipRecord(
+            "image_decode", f"image {rel!r} is in no image format PIL can identify"
+        ) from None
     except Exception as err:  # PIL raises many types for bad bytes
         raise SkipRecord(
             "image_decode", f"image {rel!r} does not decode ({type(err).__name__}: {err})"
@@ -361,7 +367,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Convert one annotation file; returns the summary (also in ``report.json``)."""
+    """Convert one annotation file; returns the summary (``report.json`` plus ``seconds``)."""
     json_path, out = Path(json_path), Path(out)
     p: Preset = PRESETS.get(preset, option="--preset")
     if samples_per_shard < 1:
@@ -549,10 +555,11 @@ def _finish(
         "shards": len(shards),
         "skipped": dict(counts),
         "skipped_records": skipped_list,
-        "seconds": round(elapsed, 1),
     }
+    # The file holds only what the inputs determine, so equal conversions give equal reports;
+    # the time is returned (and printed) beside it.
     _write_json(out / REPORT_NAME, report)
-    return report
+    return {**report, "seconds": round(elapsed, 1)}
 
 
 # -- command line -------------------------------------------------------------------------------

@@ -282,6 +282,19 @@ def test_resume_redoes_only_unfinished_shards_and_output_is_deterministic(
     assert not list(a.glob("*.tmp")) and not list((a / ".convert").glob("*.tmp"))
 
 
+def test_two_equal_conversions_write_byte_identical_reports(dataset, tmp_path):
+    """The report holds only what the inputs determine: no object repr with a memory address
+    (the junk file PIL cannot identify), no timing."""
+    args = dict(preset="llava_mix665k", samples_per_shard=3, progress=False, workers=1)
+    convert(dataset["json"], dataset["images"], tmp_path / "a", **args)
+    convert(dataset["json"], dataset["images"], tmp_path / "b", **args)
+    first, second = ((tmp_path / d / "report.json").read_bytes() for d in "ab")
+    assert first == second
+    junk = next(s for s in json.loads(first)["skipped_records"] if s["id"] == "junk")
+    assert junk["reason"] == "image_decode" and "junk.jpg" in junk["detail"]
+    assert " at 0x" not in first.decode()
+
+
 def test_changed_settings_are_refused_unless_overwrite(dataset, tmp_path, capsys):
     out = tmp_path / "s"
     base = [

@@ -126,8 +126,8 @@ def test_vicuna_labels_cover_exactly_the_answers(proc, tokenizer):
     assert sum(b - a for a, b in ranges) == len(supervised) >= 4
 
 
-def test_plain_labels_cover_caption_and_eos(proc, tokenizer):
-    enc = SampleEncoder(proc, get_template("plain"), max_length=512)
+def test_plain_eos_labels_cover_caption_and_eos(proc, tokenizer):
+    enc = SampleEncoder(proc, get_template("plain_eos"), max_length=512)
     caption = "a red circle in the center."
     meta = {"id": "p1", "conversations": conv(("Describe the image briefly.", caption))}
     out = enc.encode_train(meta, [red_image()])
@@ -147,6 +147,25 @@ def test_plain_labels_cover_caption_and_eos(proc, tokenizer):
     assert (out["labels"][: 1 + N] == IGNORE_INDEX).all()
     assert (out["labels"][1 + N :] == out["input_ids"][1 + N :]).all()
     assert tokenizer.decode(out["input_ids"][1 + N :]) == caption + EOS
+
+
+def test_plain_labels_cover_caption_and_newline_without_eos(proc, tokenizer):
+    """LLaVA train.py::preprocess_plain (conv_llava_plain, sep "\n") and TinyLLaVA
+    pretrain_template.py: the text is "<image>" + caption + "\n", tokenized piece by piece
+    around the image (mm_utils.py::tokenizer_image_token: one bos), and every token after the
+    image is supervised; no eos."""
+    enc = SampleEncoder(proc, get_template("plain"), max_length=512)
+    caption = "a red circle in the center."
+    meta = {"id": "p1", "conversations": conv(("Describe the image briefly.", caption))}
+    out = enc.encode_train(meta, [red_image()])
+    N = TOKENS_PER_IMAGE
+    after = tokenizer(caption + "\n")["input_ids"]
+    assert after[0] == tokenizer.bos_token_id  # the piece's own bos, dropped by the reference
+    ids = [tokenizer.bos_token_id] + [proc.image_token_id] * N + after[1:]
+    assert out["input_ids"].tolist() == ids
+    assert out["labels"].tolist() == [IGNORE_INDEX] * (1 + N) + after[1:]
+    assert tokenizer.decode(out["input_ids"][1 + N :]) == caption + "\n"
+    assert tokenizer.eos_token_id not in out["input_ids"].tolist()
 
 
 def test_image_expands_to_n_ids_at_its_position(proc, tokenizer, image_spec):
@@ -277,7 +296,9 @@ def test_cut_between_adjacent_images_keeps_the_first(proc4):
     N = proc4.num_image_tokens
     meta = _second_turn_image(q2="<image><image>\nSame?", answer2="No")
     images = [red_image(), red_image()]
-    full = SampleEncoder(proc4, get_template("vicuna"), max_length=10_000).encode_train(
+    # As written: LLaVA's placement would put a newline between the two images.
+    kw = dict(image_placement="as_written")
+    full = SampleEncoder(proc4, get_template("vicuna"), max_length=10_000, **kw).encode_train(
         meta, images
     )
     p = _first_image_pos(full["input_ids"], proc4.image_token_id)
@@ -289,9 +310,9 @@ def test_cut_between_adjacent_images_keeps_the_first(proc4):
         (p + 2, p, 0),
         (p + 2 * N, p + 2 * N, 2),
     ):
-        out = SampleEncoder(proc4, get_template("vicuna"), max_length=max_length).encode_train(
-            meta, images
-        )
+        out = SampleEncoder(
+            proc4, get_template("vicuna"), max_length=max_length, **kw
+        ).encode_train(meta, images)
         assert len(out["input_ids"]) == kept_len, max_length
         assert out["input_ids"].tolist() == full["input_ids"][:kept_len].tolist()
         assert out["pixel_values"].shape[0] == kept_images
@@ -299,6 +320,35 @@ def test_cut_between_adjacent_images_keeps_the_first(proc4):
 
 
 # -- template / tokenizer mismatch --------------------------------------------------------------
+
+
+def test_slow_tokenizer_stops_the_stage_before_any_sample(tmp_path, image_spec):
+    """A tokenizer with no fast version (transformers' CTRLTokenizer, a Python BPE loaded by
+    AutoTokenizer) cannot give character offsets: the stage stops when its data is set up,
+    naming the option, not on the first sample."""
+    import json
+
+    from transformers import CTRLTokenizer
+
+    from lmm.data.datamodule import LMMDataModule
+    from lmm.errors import ConfigError
+    from lmm.model.language import LanguageConfig, load_tokenizer
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"<unk>": 0, "</s>": 1, "a": 2, "b": 3}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    vocab, merges = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    CTRLTokenizer(vocab, merges, eos_token="</s>").save_pretrained(tmp_path / "slow")
+    slow = load_tokenizer(LanguageConfig(name_or_path=str(tmp_path / "slow")))
+    assert not hasattr(slow, "backend_tokenizer")
+    proc = make_processor(slow, image_spec)
+    with pytest.raises(ConfigError) as info:
+        SampleEncoder(proc, get_template("plain"), max_length=64)
+    msg = str(info.value)
+    assert msg.startswith("model.llm.name_or_path: ") and str(tmp_path / "slow") in msg
+    assert "no fast version" in msg and "tokenizer.json" in msg
+    dm = LMMDataModule(train=[str(tmp_path / "none/shard-*.tar")], processor=proc)
+    with pytest.raises(ConfigError, match="model.llm.name_or_path"):
+        dm.train_dataloader()
 
 
 def test_token_straddling_answer_boundary_raises_with_sample_id(proc):

@@ -265,7 +265,9 @@ def expected_labels(tok, pieces, image_id):
 def test_labels_are_exactly_answers_and_end_of_turn(toks, family, template, pieces):
     tok = toks[family]
     proc = processor(tok)
-    enc = SampleEncoder(proc, get_template(template), max_length=4096)
+    # The expected positions come from tokenizing the whole text: single_pass (chunked is
+    # compared with LLaVA's and TinyLLaVA's own rules in test_text_parity.py).
+    enc = SampleEncoder(proc, get_template(template), max_length=4096, tokenization="single_pass")
     # The rendering is the hand-written text (for "tokenizer": the chat template's own).
     text, _ = enc.template.render(
         enc._turns({"id": "x", "conversations": CONVERSATION}), tok.eos_token

@@ -101,6 +101,37 @@ def test_partial_llm_trains_later_blocks_norm_and_head(fresh_lmm):
     assert {n for n, p in names.items() if _has_grad(p)} == expected
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_partial_llm_keeps_a_tied_head_frozen_with_the_embeddings(tmp_path, family):
+    """Gemma and small Qwen2 tie the output head to the token embeddings (stand-ins of the real
+    classes): under ``partial`` that one matrix stays frozen, gets no gradient, and the input
+    embeddings do not move; the later blocks and the final norm train."""
+    from lmm.model.freeze import apply_policy
+    from lmm.model.language import (
+        LanguageConfig,
+        decoder_blocks,
+        load_language_model,
+        load_tokenizer,
+    )
+    from lmm.standins.llm import build_llm
+
+    cfg = LanguageConfig(name_or_path=str(build_llm(family, tmp_path / family)))
+    llm = load_language_model(cfg, load_tokenizer(cfg))
+    head, embeddings = llm.get_output_embeddings().weight, llm.get_input_embeddings().weight
+    assert head is embeddings  # tied
+    apply_policy(llm, "partial", decoder_blocks(llm), 1, "model.freeze.llm")
+    names = {n for n, p in llm.named_parameters() if p.requires_grad}
+    assert not head.requires_grad
+    assert names and all(".layers.1." in n or n == "model.norm.weight" for n in names)
+    assert any(".layers.1." in n for n in names) and "model.norm.weight" in names
+    before = embeddings.detach().clone()
+    llm(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    assert head.grad is None
+    assert all(p.grad is not None for n, p in llm.named_parameters() if n in names)
+    torch.optim.SGD([p for p in llm.parameters() if p.requires_grad], lr=1.0).step()
+    assert torch.equal(embeddings, before)
+
+
 def test_frozen_tower_runs_without_autograd_but_connector_learns(fresh_lmm):
     m = fresh_lmm
     m.apply_freeze(FreezeConfig(vision="frozen", connector="full", llm="frozen"))

@@ -15,7 +15,7 @@ from lmm.model.freeze import FreezeConfig
 from lmm.model.language import LanguageConfig
 from lmm.model.towers import VisionConfig
 from lmm.train.cli import LMMCLI
-from lmm.train.module import LMMModule
+from lmm.train.module import LMMModule, OptimConfig
 from lmm.train.nonfinite import NonFiniteGuard
 
 
@@ -54,6 +54,7 @@ def run(
         vision=VisionConfig(name_or_path=str(tiny_models["vision"]), feature_layer=-1),
         llm=LanguageConfig(name_or_path=str(tiny_models["llm"])),
         freeze=FreezeConfig(),
+        optim=OptimConfig(warmup_ratio=0.0),  # no warmup step at lr 0: every clean step moves
     )
     dm = LMMDataModule(
         train=[f"{world}/pretrain/shard-*.tar"],

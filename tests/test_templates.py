@@ -43,8 +43,8 @@ def test_parse_conversation_maps_llava_roles():
     ]
 
 
-def test_plain_render_exact_text_and_spans():
-    text, spans = get_template("plain").render(parse_conversation(CONV), EOS)
+def test_plain_eos_render_exact_text_and_spans():
+    text, spans = get_template("plain_eos").render(parse_conversation(CONV), EOS)
     # The prompt's words are dropped: only its <image> survives; answers follow directly, each ended by eos.
     assert text == "<image>red</s>No</s>"
     # "<image>" is 7 chars; "red</s>" 7 chars; "No</s>" 6 chars.
@@ -52,11 +52,34 @@ def test_plain_render_exact_text_and_spans():
     assert [text[s:e] for s, e in spans] == ["red</s>", "No</s>"]
 
 
-def test_plain_render_ignores_system_prompt():
+def test_plain_eos_render_ignores_system_prompt():
     conv = [{"from": "system", "value": "You are terse."}, *CONV[:2]]
-    text, spans = get_template("plain").render(parse_conversation(conv), EOS)
+    text, spans = get_template("plain_eos").render(parse_conversation(conv), EOS)
     assert text == "<image>red</s>"
     assert spans == [(7, 14)]
+
+
+def test_plain_render_is_image_caption_newline():
+    """LLaVA preprocess_plain: "<image>" + caption + conv_llava_plain.sep ("\n"), the caption and
+    the newline supervised; generation stops at eos only (no stop token of its own)."""
+    conv = [{"from": "system", "value": "You are terse."}, *CONV[:2]]
+    text, spans = get_template("plain").render(parse_conversation(conv), EOS)
+    assert text == "<image>red\n"
+    assert [text[s:e] for s, e in spans] == ["red\n"]
+    assert get_template("plain").stop_string(EOS) == EOS
+
+
+def test_chatml_onevision_supervises_whole_assistant_messages():
+    """LLaVA-NeXT preprocess_qwen: the text of ``chatml``; each assistant message from its
+    ``<|im_start|>`` through the newline after ``<|im_end|>`` is supervised."""
+    text, spans = get_template("chatml_onevision").render(parse_conversation(CONV), EOS)
+    assert text == get_template("chatml").render(parse_conversation(CONV), EOS)[0]
+    assert [text[s:e] for s, e in spans] == [
+        "<|im_start|>assistant\nred<|im_end|>\n",
+        "<|im_start|>assistant\nNo<|im_end|>\n",
+    ]
+    assert spans[-1][1] == len(text)
+    assert get_template("chatml_onevision").stop_string(EOS) == "<|im_end|>"
 
 
 def test_vicuna_render_exact_text_and_spans():
@@ -151,9 +174,11 @@ def test_unknown_template_lists_known_ones():
     assert "data.template" in msg and "'vicunaa'" in msg
     expected = [
         "chatml",
+        "chatml_onevision",
         "gemma",
         "phi",
         "plain",
+        "plain_eos",
         "qwen2_base",
         "qwen2_instruct",
         "tokenizer",
@@ -230,6 +255,7 @@ def test_tokenizer_template_needs_binding(tokenizer):
     from lmm.errors import TemplateMismatchError
 
     with pytest.raises(
-        TemplateMismatchError, match="has none; choose a named template: chatml, gemma"
+        TemplateMismatchError,
+        match="has none; choose a named template: chatml, chatml_onevision, gemma",
     ):
         template.bind(tokenizer)

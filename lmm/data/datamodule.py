@@ -15,6 +15,7 @@ from lmm.data.encode import Processor, SampleEncoder
 from lmm.data.image import DEFAULT_MAX_IMAGE_PIXELS
 from lmm.data.mixing import MixIndex, ShardSet, as_shard_sets, describe_mix
 from lmm.data.packing import pack
+from lmm.data.placement import ImagePlacement
 from lmm.data.quality import BadSampleMonitor
 from lmm.data.shards import (
     PlannedStream,
@@ -24,6 +25,7 @@ from lmm.data.shards import (
     make_loader,
 )
 from lmm.data.templates import get_template
+from lmm.data.tokenization import Tokenization
 from lmm.errors import ConfigError
 
 log = logging.getLogger("lmm")
@@ -61,16 +63,26 @@ class LMMDataModule(L.LightningDataModule):
         val: Held-out set answered by generation at each validation.
         test: Held-out sets scored by ``lmm test``.
         template: Conversation template, a name from ``lmm.data.templates.TEMPLATES``:
-            ``plain`` (pretraining: image, then caption), the Vicuna-style chat format with
+            ``plain`` (pretraining: image, then caption and newline, no eos, as LLaVA and
+            TinyLLaVA), ``plain_eos`` (caption and eos), the Vicuna-style chat format with
             each family's end-of-turn (``vicuna`` for Llama, ``phi`` for Phi-2 and StableLM-2,
-            ``gemma``, ``qwen2_base``, ``qwen2_instruct``), ``chatml`` (Qwen2-Instruct) or
-            ``tokenizer`` (the tokenizer's own chat template).
+            ``gemma``, ``qwen2_base``, ``qwen2_instruct``), ``chatml`` (Qwen2-Instruct; answer
+            and ``<|im_end|>`` supervised), ``chatml_onevision`` (the same text supervised as
+            LLaVA-OneVision does) or ``tokenizer`` (the tokenizer's own chat template).
         system_prompt: Replace the template's default system prompt ("" = none); a system
             turn inside a sample still wins.
-        image_placement: Where each turn's ``<image>`` placeholders go before the template
-            renders it: ``as_written`` (where the sample puts them).
-        tokenization: How the rendered text becomes token ids: ``single_pass`` (the whole
-            text at once).
+        image_placement: Where each user turn's ``<image>`` placeholders go before the
+            template renders it: ``llava`` (default; ``<image>\\n`` then the rest of the turn,
+            stripped, as LLaVA and TinyLLaVA train), ``llava_next`` (only a single ``<image>``
+            not already first is moved; several stay where written, as LLaVA-NeXT /
+            OneVision) or ``as_written`` (where the sample puts them). See
+            ``lmm.data.placement``.
+        tokenization: How the rendered text becomes token ids: ``chunked`` (default; the
+            text between ``<image>`` placeholders tokenized piece by piece with one bos, as
+            LLaVA's ``tokenizer_image_token``: SentencePiece tokenizers start the text after
+            an image with ``▁``) or ``single_pass`` (the whole text at once). Byte-level BPE
+            tokenizers (Phi-2, Qwen2) give the same ids both ways. See
+            ``lmm.data.tokenization``.
         max_length: Token budget per sample after ``<image>`` expansion.
         batch_size: Training samples per batch and device.
         eval_batch_size: Prompts per generation batch.
@@ -112,8 +124,8 @@ class LMMDataModule(L.LightningDataModule):
         test: Optional[list[EvalSet]] = None,
         template: str = "plain",
         system_prompt: Optional[str] = None,
-        image_placement: str = "as_written",
-        tokenization: str = "single_pass",
+        image_placement: ImagePlacement = "llava",
+        tokenization: Tokenization = "chunked",
         max_length: int = 512,
         batch_size: int = 16,
         eval_batch_size: int = 32,

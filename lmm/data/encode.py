@@ -1,6 +1,6 @@
-"""Sample -> token ids, labels and pixels: templates rendered, tokenized once with offsets,
-labels taken from the assistant spans, ``<image>`` expanded to N ids, truncation that never
-cuts an image span."""
+"""Sample -> token ids, labels and pixels: ``<image>`` placed (``lmm.data.placement``), the
+template rendered, tokenized with offsets (``lmm.data.tokenization``), labels taken from the
+assistant spans, ``<image>`` expanded to N ids, truncation that never cuts an image span."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from lmm.data.image import (
     ImageTransform,
     decode_image,
 )
+from lmm.data.placement import IMAGE_PLACEMENTS, place_images
 from lmm.data.templates import Template, parse_conversation
+from lmm.data.tokenization import TOKENIZATIONS, tokenize
 from lmm.data.visuals import modality_of, placeholders, tiles, video_unsupported
 from lmm.errors import (
     ConfigError,
@@ -35,10 +37,6 @@ from lmm.visual.layout import VisualLayout
 _SPACE = " \t\n\r"  # characters an answer span may leave untokenized
 # Members that would run code when decoded; a shard holding one is refused outright.
 _PICKLE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz")
-# Where a turn's ``<image>`` placeholders go before rendering (``data.image_placement``).
-IMAGE_PLACEMENTS: tuple[str, ...] = ("as_written",)
-# How the rendered text becomes token ids (``data.tokenization``).
-TOKENIZATIONS: tuple[str, ...] = ("single_pass",)
 
 
 @dataclass
@@ -57,7 +55,12 @@ class Processor:
 
 
 class SampleEncoder:
-    """Turns raw shard samples (json + image bytes) into model inputs for one stage."""
+    """Turns raw shard samples (json + image bytes) into model inputs for one stage.
+
+    ``image_placement`` and ``tokenization`` are the data options of the same names (see
+    ``lmm.data.placement`` and ``lmm.data.tokenization``); the defaults reproduce LLaVA and
+    TinyLLaVA. The tokenizer must be a fast one (character offsets give the labels).
+    """
 
     def __init__(
         self,
@@ -66,8 +69,8 @@ class SampleEncoder:
         max_length: int,
         blank_images: bool = False,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        image_placement: str = "as_written",
-        tokenization: str = "single_pass",
+        image_placement: str = "llava",
+        tokenization: str = "chunked",
     ) -> None:
         for option, value, allowed in (
             ("data.image_placement", image_placement, IMAGE_PLACEMENTS),
@@ -77,23 +80,38 @@ class SampleEncoder:
                 raise ConfigError(
                     f"{option}: unknown value {value!r}; allowed: {', '.join(allowed)}"
                 )
+        tok = processor.tokenizer
+        # The Rust tokenizer behind a fast tokenizer gives the ids and character offsets the
+        # labels come from, without transformers' per-call overhead (about a third of the
+        # encoding time on short conversations). A slow tokenizer has no offsets at all.
+        self._backend = getattr(tok, "backend_tokenizer", None)
+        if self._backend is None:
+            name = getattr(tok, "name_or_path", "") or type(tok).__name__
+            raise ConfigError(
+                f"model.llm.name_or_path: the tokenizer of {name!r} ({type(tok).__name__}) has no fast version, "
+                "and lmm takes labels from a fast tokenizer's character offsets. Point model.llm.name_or_path at a "
+                "checkpoint that ships a tokenizer.json (transformers converts most SentencePiece and BPE "
+                "tokenizers: AutoTokenizer.from_pretrained(path).save_pretrained(out) writes one)."
+            )
         self.image_placement = image_placement
         self.tokenization = tokenization
         self.processor = processor
         self.max_image_pixels = max_image_pixels
         # A template sees the tokenizer once: checks its end-of-turn, or renders with it (``tokenizer``).
-        self.template = template.bind(processor.tokenizer)
+        self.template = template.bind(tok)
         self.max_length = max_length
         self.blank_images = blank_images
         self.transform = ImageTransform(processor.image_spec)
-        tok = processor.tokenizer
         self.eos = tok.eos_token
         stop = self.template.stop_string(self.eos)
-        self._stop_id = tok.convert_tokens_to_ids(stop) if stop in tok.get_vocab() else None
-        # The Rust tokenizer behind a fast tokenizer gives the same ids and offsets as
-        # tokenizer(text, return_offsets_mapping=True) without transformers' per-call overhead
-        # (about a third of the encoding time on short conversations).
-        self._backend = getattr(tok, "backend_tokenizer", None)
+        self._stop_id = (
+            tok.convert_tokens_to_ids(stop)
+            if self.template.stop_at_end_of_turn and stop in tok.get_vocab()
+            else None
+        )
+        self._always_supervised = np.asarray(
+            self.template.always_supervised_ids(tok), dtype=np.int64
+        )
 
     def train_sample(self, raw: dict[str, Any]) -> dict:
         """Raw shard sample -> training inputs (picklable, for worker processes)."""
@@ -169,10 +187,23 @@ class SampleEncoder:
     # -- tokenization -----------------------------------------------------------------------
 
     def _turns(self, meta: dict):
+        """The sample's turns, ``<image>`` placed by ``image_placement``."""
         try:
-            return parse_conversation(meta.get("conversations"))
+            turns = parse_conversation(meta.get("conversations"))
         except ConversationError as err:
             raise SampleError("malformed", f"sample {meta['id']!r}: {err}") from None
+        return place_images(turns, self.image_placement)
+
+    def _tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and character offsets of ``text`` by ``tokenization``."""
+        tok = self.processor.tokenizer
+        return tokenize(
+            self._backend,
+            text,
+            self.processor.image_token_id,
+            tok.bos_token_id,
+            chunked=self.tokenization == "chunked",
+        )
 
     def _expand_images(
         self,
@@ -249,7 +280,7 @@ class SampleEncoder:
             raise TemplateMismatchError(f"sample {sid!r}: {err}") from None
         except ConversationError as err:
             raise SampleError("malformed", f"sample {sid!r}: {err}") from None
-        ids = np.asarray(self.processor.tokenizer(text)["input_ids"], dtype=np.int64)
+        ids, _ = self._tokenize(text)
         counts, pixel_values = self.visual_inputs(meta, images)
         ids, _ = self._expand_images(ids, np.zeros_like(ids), len(counts), sid, counts)
         if len(ids) > self.max_length:
@@ -267,20 +298,14 @@ class SampleEncoder:
     def _label(
         self, text: str, spans: list[tuple[int, int]], sid: str
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenize ``text`` once; a token is supervised iff it overlaps an assistant span.
+        """Tokenize ``text``; a token is supervised iff it overlaps an assistant span, or is
+        one of the template's ``always_supervised`` tokens.
 
         A supervised token that also covers non-space text outside the span, an answer
         character no token covers, or an end-of-turn that did not become its own token
         are template/tokenizer mismatches and raise with the sample id.
         """
-        if self._backend is not None:
-            enc = self._backend.encode(text)
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-        else:
-            enc = self.processor.tokenizer(text, return_offsets_mapping=True)
-            ids = np.asarray(enc["input_ids"], dtype=np.int64)
-            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        ids, offsets = self._tokenize(text)
         # Plain Python over bytearrays: samples are short, and numpy's per-call overhead on
         # arrays of a few dozen elements made this the data workers' largest cost.
         n = len(text)
@@ -307,12 +332,15 @@ class SampleEncoder:
                     )
         if self._stop_id is not None:
             start, end = offsets[:, 0], offsets[:, 1]
+            tail = self.template.end_of_turn_offset()
             for s, e in spans:
-                inside = np.flatnonzero(supervised & (start < e) & (end > s))
+                inside = np.flatnonzero(supervised & (start < e - tail) & (end > s))
                 if len(inside) == 0 or ids[inside[-1]] != self._stop_id:
                     raise TemplateMismatchError(
                         f"sample {sid!r}: the end-of-turn {self.template.stop_string(self.eos)!r} of template "
                         f"{self.template.name!r} did not tokenize to its own token"
                     )
+        if len(self._always_supervised):
+            supervised |= np.isin(ids, self._always_supervised)
         labels = np.where(supervised, ids, IGNORE_INDEX)
         return ids, labels

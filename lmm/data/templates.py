@@ -3,10 +3,12 @@
 Labels are derived from these spans after tokenization (see ``lmm.data.encode``), so a
 template only has to say where each assistant answer starts and ends.
 
-Registry ``TEMPLATES`` (exact names): ``plain`` (pretraining), the Vicuna-style chat format
-with each family's end-of-turn (``vicuna`` = eos, for Llama; ``phi`` for Phi-2 and StableLM-2;
-``gemma``; ``qwen2_base``; ``qwen2_instruct``), ``chatml`` (Qwen2-Instruct) and ``tokenizer``
-(the tokenizer's own chat template).
+Registry ``TEMPLATES`` (exact names): ``plain`` (pretraining as LLaVA and TinyLLaVA: caption
+and newline) and ``plain_eos`` (caption and eos), the Vicuna-style chat format with each
+family's end-of-turn (``vicuna`` = eos, for Llama; ``phi`` for Phi-2 and StableLM-2;
+``gemma``; ``qwen2_base``; ``qwen2_instruct``), ``chatml`` (Qwen2-Instruct; answer and
+``<|im_end|>`` supervised), ``chatml_onevision`` (LLaVA-OneVision's supervision of the same
+text) and ``tokenizer`` (the tokenizer's own chat template).
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ class Template:
 
     ``{eos}`` in ``end_of_turn`` is replaced by the tokenizer's eos token. The supervised
     span of an answer is ``answer_prefix`` + answer + ``end_of_turn``: the opener before it
-    and ``after_turn`` after it are not supervised. The end-of-turn must be one token of the
-    tokenizer (checked by :meth:`bind`), the token generation stops at.
+    and ``after_turn`` after it are not supervised (unless ``supervise_message``). The
+    end-of-turn must be one token of the tokenizer (checked by :meth:`bind`), the token
+    generation stops at (unless ``stop_at_end_of_turn`` is off).
 
     Attributes:
         name: Registry name.
@@ -84,6 +87,13 @@ class Template:
             supervised: the model stops at ``end_of_turn`` and never has to produce it.
         images_only_prompt: Drop the user's words and keep only its ``<image>`` tokens
             (the ``plain`` pretraining format).
+        stop_at_end_of_turn: The end-of-turn is the token generation stops at, and must be
+            one token. Off for ``plain``, whose captions end with a supervised newline that is
+            no stop token: generation stops at eos only.
+        supervise_message: Supervise the whole assistant message, ``assistant_open`` and
+            ``after_turn`` included (LLaVA-NeXT's ``preprocess_qwen``).
+        always_supervised: Texts of single tokens supervised wherever they occur, in every
+            turn (LLaVA-NeXT's ``preprocess_qwen``: newline, ``<|im_start|>``, ``<|im_end|>``).
     """
 
     name: str
@@ -95,6 +105,9 @@ class Template:
     end_of_turn: str = "{eos}"
     after_turn: str = ""
     images_only_prompt: bool = False
+    stop_at_end_of_turn: bool = True
+    supervise_message: bool = False
+    always_supervised: tuple[str, ...] = ()
 
     def bind(self, tokenizer: Any) -> Template:
         """This template checked against ``tokenizer`` (and, for templates that render with the
@@ -106,7 +119,21 @@ class Template:
                 f"token of the tokenizer of {_tokenizer_name(tokenizer)!r} (its eos is {tokenizer.eos_token!r}); "
                 f"choose the template of this model's family: {', '.join(TEMPLATES.names())}"
             )
+        self.always_supervised_ids(tokenizer)
         return self
+
+    def always_supervised_ids(self, tokenizer: Any) -> list[int]:
+        """The ids of ``always_supervised``; each text must be one token of ``tokenizer``."""
+        ids = []
+        for text in self.always_supervised:
+            one = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(one) != 1:
+                raise TemplateMismatchError(
+                    f"data.template: template {self.name!r} supervises {text!r} everywhere, but the tokenizer "
+                    f"of {_tokenizer_name(tokenizer)!r} makes it {len(one)} tokens; it is meant for Qwen2's tokenizer"
+                )
+            ids.append(one[0])
+        return ids
 
     def render(
         self, turns: list[Turn], eos: str, add_generation_prompt: bool = False
@@ -123,6 +150,7 @@ class Template:
             parts.append(text)
             length += len(text)
 
+        opened = 0  # where the last assistant turn opened
         system = turns[0].text if turns and turns[0].role == "system" else self.system
         if system and not self.images_only_prompt:
             emit(self.system_format.format(text=system))
@@ -134,18 +162,26 @@ class Template:
                     else turn.text
                 )
                 emit(self.user_format.format(text=text))
+                opened = length
                 emit(self.assistant_open)
             elif turn.role == "assistant":
-                emit(
-                    self.answer_prefix + turn.text + self.end_of_turn.format(eos=eos),
-                    supervised=True,
-                )
-                emit(self.after_turn)
+                answer = self.answer_prefix + turn.text + self.end_of_turn.format(eos=eos)
+                if self.supervise_message:
+                    emit(answer + self.after_turn)
+                    spans.append((opened, length))
+                else:
+                    emit(answer, supervised=True)
+                    emit(self.after_turn)
         _check_roles(spans, turns, add_generation_prompt)
         return "".join(parts), spans
 
     def stop_string(self, eos: str) -> str:
-        return self.end_of_turn.format(eos=eos)
+        """What generation stops at: the end-of-turn, or eos where it is not a stop token."""
+        return self.end_of_turn.format(eos=eos) if self.stop_at_end_of_turn else eos
+
+    def end_of_turn_offset(self) -> int:
+        """Characters between the end-of-turn and the end of a supervised span."""
+        return len(self.after_turn) if self.supervise_message else 0
 
 
 def _check_roles(
@@ -290,8 +326,15 @@ class TokenizerChatTemplate(Template):
 
 TEMPLATES: Registry[Template] = Registry("template")
 
-# LLaVA's pretraining format: the image, then the caption; the prompt's words are dropped.
-TEMPLATES.add("plain", Template(name="plain", images_only_prompt=True))
+# Pretraining: the image, then the caption; the prompt's words are dropped. The caption is
+# followed by a supervised newline and no eos (LLaVA conversation.py::conv_llava_plain with
+# train.py::preprocess_plain; TinyLLaVA pretrain_template.py).
+TEMPLATES.add(
+    "plain",
+    Template(name="plain", images_only_prompt=True, end_of_turn="\n", stop_at_end_of_turn=False),
+)
+# lmm's own pretraining target: caption + eos, so a stage-1 model learns where to stop.
+TEMPLATES.add("plain_eos", Template(name="plain_eos", images_only_prompt=True))
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -331,6 +374,19 @@ TEMPLATES.add(
         assistant_open="<|im_start|>assistant\n",
         end_of_turn="<|im_end|>",
         after_turn="\n",
+    ),
+)
+
+# LLaVA-OneVision's Qwen turns (LLaVA-NeXT train.py::preprocess_qwen): the same text as
+# `chatml`, but each whole assistant message is supervised (header and trailing newline too),
+# and every newline, <|im_start|> and <|im_end|> token in every turn.
+TEMPLATES.add(
+    "chatml_onevision",
+    replace(
+        TEMPLATES.get("chatml"),
+        name="chatml_onevision",
+        supervise_message=True,
+        always_supervised=("\n", "<|im_start|>", "<|im_end|>"),
     ),
 )
 

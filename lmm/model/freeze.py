@@ -27,7 +27,10 @@ class FreezeConfig:
         vision_lora: Adapters of the tower under ``lora``.
         connector: ``full`` or ``frozen``.
         llm: ``full``, ``frozen``, ``partial`` (token embeddings and blocks before
-            ``llm_from_layer`` frozen) or ``lora`` (frozen, adapters from ``llm_lora`` train).
+            ``llm_from_layer`` frozen; later blocks, the final norm and the output head
+            train, except a head tied to the token embeddings (Gemma, small Qwen2), which is
+            the embedding matrix and stays frozen with it) or ``lora`` (frozen, adapters from
+            ``llm_lora`` train).
         llm_from_layer: First trainable decoder block under ``partial``.
         llm_lora: Adapters of the language model under ``lora``.
     """
@@ -79,6 +82,8 @@ def apply_policy(
     Under ``partial`` the parameters registered before the blocks (embeddings) and the
     blocks before ``from_layer`` are frozen; later blocks and what follows them (final
     norm, output head) train. Registration order is forward order in transformers models.
+    A tied output head is the token-embedding tensor, met (once) before the blocks: it stays
+    frozen, since training it would move every input embedding that ``partial`` keeps.
     Under ``lora`` the module is frozen and adapters (``lora``, default settings if None)
     are injected into its linear layers and trained.
     """

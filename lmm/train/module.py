@@ -28,6 +28,7 @@ from lmm.model.towers import VisionConfig
 from lmm.train.parallel import full_state_dict, global_norm, is_sharded
 from lmm.train.results import write_test_results
 from lmm.train.rng import rng_state, set_rng_state
+from lmm.train.schedule import WarmupStyle, warmup_cosine
 from lmm.visual.image_batch import tower_inputs
 
 log = logging.getLogger("lmm")
@@ -48,6 +49,11 @@ class OptimConfig:
             ``trainer.max_epochs`` x the training loader's batches per epoch (known from the
             shards' manifests, see ``lmm.data.shards.PlannedStream``) / gradient accumulation.
         min_lr_ratio: Final learning rate as a share of the peak (cosine end point).
+        warmup_style: ``hf_trainer`` (default): as transformers' Trainer schedules LLaVA,
+            TinyLLaVA and OneVision: ``ceil(warmup_ratio x total)`` warmup steps, the lr rising
+            as ``step / warmup`` from 0 at the first update. ``lmm``: ``int(warmup_ratio x
+            total)`` steps rising as ``(step + 1) / warmup`` (the first update already
+            moves). See ``lmm.train.schedule``.
     """
 
     lr_vision: float = 2e-5
@@ -57,6 +63,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
+    warmup_style: WarmupStyle = "hf_trainer"
 
 
 def _last_question(conversations: list[dict]) -> str:
@@ -249,16 +256,7 @@ class LMMModule(L.LightningModule):
             raise ValueError(
                 "the LR schedule needs a finite number of steps: set trainer.max_steps or trainer.max_epochs"
             )
-        warmup = int(cfg.warmup_ratio * total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-
+        factor = warmup_cosine(int(total), cfg.warmup_ratio, cfg.min_lr_ratio, cfg.warmup_style)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,

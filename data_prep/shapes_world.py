@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of held-out test images",
     )
     p.add_argument(
+        "--caption-test-images",
+        type=int,
+        default=_DEFAULTS.caption_test_images,
+        help="test images that also get a describe prompt in test/caption (scored by CHAIR)",
+    )
+    p.add_argument(
         "--seed", type=int, default=_DEFAULTS.seed, help="root seed of all random streams"
     )
     p.add_argument(
@@ -123,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_images=args.train_images,
             val_images=args.val_images,
             test_images=args.test_images,
+            caption_test_images=args.caption_test_images,
             samples_per_shard=args.samples_per_shard,
             eval_samples_per_shard=args.eval_samples_per_shard,
             describe_prob=args.describe_prob,

@@ -309,6 +309,8 @@ def test_lmms_eval_loglikelihood(eval_model, fresh_lmm):
     import copy
     from dataclasses import replace as dc_replace
 
+    import numpy as np
+
     m = eval_model.model
     targets = ["red", " zebra violin", "Yes, two."]
     got = eval_model.loglikelihood([_request("loglikelihood", i, t) for i, t in enumerate(targets)])
@@ -317,7 +319,8 @@ def test_lmms_eval_loglikelihood(eval_model, fresh_lmm):
         cont = eval_model._continuation_ids(
             [{"from": "human", "value": "<image>\n" + QUESTIONS[i]}], target
         )
-        assert m.tokenizer.decode(cont) == " " + target  # vicuna's answer prefix, then the target
+        # vicuna's answer prefix, then the target; lmms-eval's leading delimiter is not doubled
+        assert m.tokenizer.decode(cont) == " " + target.lstrip()
         ids = torch.cat([sample["input_ids"], torch.tensor(cont)])[None]
         with torch.no_grad():
             logp = torch.log_softmax(
@@ -325,8 +328,38 @@ def test_lmms_eval_loglikelihood(eval_model, fresh_lmm):
             )
         rows = logp[ids.shape[1] - len(cont) - 1 : -1]
         by_hand = float(rows.gather(-1, torch.tensor(cont)[:, None]).sum())
-        assert got[i][0] == pytest.approx(by_hand, abs=1e-4), target
+        # lmms-eval's convention: a loss (lower = more likely), the negative log-probability
+        assert got[i][0] == pytest.approx(-by_hand, abs=1e-4), target
         assert got[i][1] == bool((rows.argmax(-1) == torch.tensor(cont)).all())
+    # multiple_choice requests carry f"{target_delimiter}{choice}" = " A": the same tokens as "A"
+    turns = [{"from": "human", "value": "<image>\n" + QUESTIONS[0]}]
+    assert eval_model._continuation_ids(turns, " A") == eval_model._continuation_ids(turns, "A")
+    # ... and lmms-eval picks the answer by argmin (api/task.py, ConfigurableTask.process_results,
+    # OUTPUT_TYPE multiple_choice: pred = np.argmin(lls)): the most likely choice.
+    choices = ["red", "blue", "green", "circle"]
+    lls = [
+        ll
+        for ll, _ in eval_model.loglikelihood(
+            [_request("loglikelihood", 0, " " + c) for c in choices]
+        )
+    ]
+    logprobs = []
+    for c in choices:
+        sample = eval_model.predictor.encode_question(QUESTIONS[0], [_image(0)])
+        cont = eval_model._continuation_ids(turns, c)
+        ids = torch.cat([sample["input_ids"], torch.tensor(cont)])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(
+                m.llm(inputs_embeds=m.embed(ids, sample["pixel_values"])).logits[0], -1
+            )
+        logprobs.append(
+            float(
+                logp[ids.shape[1] - len(cont) - 1 : -1]
+                .gather(-1, torch.tensor(cont)[:, None])
+                .sum()
+            )
+        )
+    assert int(np.argmin(lls)) == int(np.argmax(logprobs))
     # A model whose every next-token distribution is uniform (final norm zeroed): greedy
     # decoding picks id 0 ('<unk>'), and every token costs log(V).
     with torch.no_grad():
@@ -340,7 +373,7 @@ def test_lmms_eval_loglikelihood(eval_model, fresh_lmm):
     (score, greedy), (score2, greedy2) = flat.loglikelihood(
         [_request("loglikelihood", 0, unk * 2), _request("loglikelihood", 1, "red")]
     )
-    assert greedy and score == pytest.approx(-2 * math.log(vocab), abs=1e-4)
+    assert greedy and score == pytest.approx(2 * math.log(vocab), abs=1e-4)
     assert not greedy2
 
 

@@ -165,8 +165,8 @@ def test_cli_in_process_errors(tmp_path, short_answer_files, capsys):
     ann, preds = short_answer_files
     assert main(["vqa", "--annotations", str(ann), "--predictions", str(preds)]) == 2
     assert (
-        "known: gqa, mmbench, mme, pope, scienceqa_img, short_answer, textvqa, vqav2"
-        in capsys.readouterr().err
+        "known: chair, gqa, mmbench, mme, mmstar, pope, scienceqa_img, seedbench_img, "
+        "short_answer, textvqa, vqav2" in capsys.readouterr().err
     )
 
     assert (

@@ -658,11 +658,14 @@ def test_prediction_reader_counts_bad_lines():
 def test_registry_exact_names_and_suffixes():
     assert benchmark_names() == sorted(
         ["pope", "vqav2", "textvqa", "gqa", "scienceqa_img", "mme", "mmbench", "short_answer"]
+        + ["mmstar", "seedbench_img", "chair"]
     )
     for name in ("pope", "vqav2", "textvqa", "gqa", "short_answer"):
         assert get_benchmark(name).prompt_suffix == SHORT
-    for name in ("scienceqa_img", "mmbench"):
+    for name in ("scienceqa_img", "mmbench", "seedbench_img"):
         assert get_benchmark(name).prompt_suffix == LETTER
+    # lmms-eval's MMStar post_prompt (tasks/mmstar/_default_template_yaml) has no final period.
+    assert get_benchmark("mmstar").prompt_suffix == LETTER[:-1]
     assert get_benchmark("mme").prompt_suffix == "Please answer yes or no."
     for bad in ("POPE", "pop", "vqa"):
         with pytest.raises(UnknownComponentError, match="known: .*short_answer"):

@@ -67,8 +67,52 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write the numeric metrics as TensorBoard scalars to DIR",
     )
+    lik = parser.add_argument_group("likelihood scoring (optional)")
+    lik.add_argument(
+        "--scoring",
+        choices=["generate", "likelihood"],
+        default="generate",
+        help="generate: decode an answer; likelihood: pick the most likely of fixed candidate "
+        "answers by their next-token probability where the answer starts (one forward pass per "
+        "batch), writing it as 'text' and every candidate's probability as 'probs' "
+        "(see docs/evaluation.md)",
+    )
+    lik.add_argument(
+        "--candidates",
+        default=None,
+        help="with --scoring likelihood: comma-separated answers (e.g. Yes,No) or 'letters' (the "
+        "options 'A. ...', 'B. ...' each question shows); default: the --benchmark's "
+        "(pope, mme: Yes,No; mmbench, scienceqa_img, mmstar, seedbench_img: letters)",
+    )
     add_generation_options(parser)
     return parser
+
+
+def candidate_rule(args: argparse.Namespace):
+    """``(question -> candidate answers, the fixed candidates or None)`` for ``--scoring
+    likelihood``; ``(None, None)`` when generating."""
+    from lmm.eval.choices import option_letters
+
+    if args.scoring != "likelihood":
+        if args.candidates is not None:
+            raise ValueError("--candidates is for --scoring likelihood")
+        return None, None
+    spec = args.candidates
+    if spec is None and args.benchmark is not None:
+        from lmm.eval.registry import get_benchmark
+
+        spec = get_benchmark(args.benchmark).likelihood_candidates
+    if spec is None:
+        raise ValueError(
+            "--scoring likelihood needs --candidates (e.g. Yes,No or letters)"
+            + (f": benchmark {args.benchmark!r} has no fixed answers" if args.benchmark else "")
+        )
+    if spec == "letters":
+        return (lambda q: option_letters(q["text"])), None
+    labels = tuple(c.strip() for c in spec.split(",") if c.strip())
+    if len(labels) < 2:
+        raise ValueError(f"--candidates {spec!r}: give two or more comma-separated answers")
+    return (lambda q: labels), labels
 
 
 def flat_scalars(metrics: dict, prefix: str) -> dict[str, float]:
@@ -133,6 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     try:
         questions = read_questions(args.questions)
+        candidates, fixed = candidate_rule(args)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -145,6 +190,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     predictor = Predictor.from_checkpoint(ckpt, args.batch_size, **generation_overrides(args))
+    if fixed is not None:
+        try:  # a fixed set that cannot be scored fails here, before any question is answered
+            predictor.candidates(fixed)
+        except ValueError as err:
+            print(f"error: --candidates: {err}", file=sys.stderr)
+            return 2
     folder = Path(args.image_folder) if args.image_folder else Path(args.questions).parent
     started = time.perf_counter()
     records = answer_questions(
@@ -155,6 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rank,
         world,
         progress=sys.stderr.isatty(),
+        candidates=candidates,
     )
     records = gather_in_order(records)
     status = 0

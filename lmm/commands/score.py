@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--annotations",
         required=True,
         metavar="FILE",
-        help="the benchmark's official annotation file (or directory for pope/mme/scienceqa_img); "
+        help="the benchmark's official annotation file (or directory for pope/mme/scienceqa_img/chair); "
         "formats are listed below",
     )
     parser.add_argument(
@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="subset to score, only for pope (random/popular/adversarial; default: all) "
         "and scienceqa_img (train/val/test/...; default: test)",
+    )
+    parser.add_argument(
+        "--synonyms",
+        default=None,
+        metavar="FILE",
+        help="chair only: the object synonym table (one category per line, "
+        "'category, synonym, ...'; the CHAIR reference's synonyms.txt for COCO)",
     )
     parser.add_argument(
         "--output",
@@ -97,16 +104,25 @@ def _check_path(path: str, what: str, allow_dir: bool) -> Path:
 
 
 def score(
-    benchmark: str, annotations: str | Path, predictions: str | Path, split: str | None = None
+    benchmark: str,
+    annotations: str | Path,
+    predictions: str | Path,
+    split: str | None = None,
+    synonyms: str | Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score files; returns (metrics, details for warnings).  Raises on bad input."""
     bench = get_benchmark(benchmark)
     if split is not None and not bench.supports_split:
         raise InputError(f"--split is not supported for benchmark {bench.name!r}")
+    if synonyms is not None and "synonyms" not in bench.options:
+        raise InputError(f"--synonyms is only for chair, not for benchmark {bench.name!r}")
     ann_path = _check_path(str(annotations), "annotations", allow_dir=True)
     pred_path = _check_path(str(predictions), "predictions", allow_dir=False)
+    options = {}
+    if synonyms is not None:
+        options["synonyms"] = _check_path(str(synonyms), "synonyms", allow_dir=False)
     try:
-        ann = bench.load(ann_path, split=split)
+        ann = bench.load(ann_path, split=split, **options)
     except UnicodeDecodeError:
         raise InputError(f"annotations file is not UTF-8 text: {ann_path}") from None
     except AnnotationError as exc:
@@ -177,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0)
     try:
-        result, details = score(args.benchmark, args.annotations, args.predictions, args.split)
+        result, details = score(
+            args.benchmark, args.annotations, args.predictions, args.split, args.synonyms
+        )
     except UnknownComponentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 generate the shapes world (if missing) -> build tiny random-init models (if missing)
 -> pretrain (plain template, captions) -> finetune (chat template, conversations)
--> test on held-out images -> the same test with blank images (control).
+-> test on held-out images (POPE, short answers, CHAIR of captions) -> the same test with
+blank images (control).
 """
 
 from __future__ import annotations
@@ -119,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _chair(m: dict) -> str:
+    return (
+        f"CHAIR_s {m['chair_s']:.3f}  CHAIR_i {m['chair_i']:.3f}  (object recall {m['recall']:.3f})"
+    )
+
+
 def headline(summary: dict) -> str:
     """The figures the README reports."""
     test = summary["test"]
@@ -129,6 +136,8 @@ def headline(summary: dict) -> str:
             f"  {split:<18} F1 {m['f1']:.3f}  acc {m['accuracy']:.3f}  yes-ratio {m['yes_ratio']:.3f}"
         )
     lines.append(f"  short_answer       acc {test['short_answer']['accuracy']:.3f}")
+    if "caption" in test:
+        lines.append(f"  captions           {_chair(test['caption'])}")
     if "blank_control" in summary:
         b = summary["blank_control"]
         accs = " / ".join(
@@ -137,5 +146,7 @@ def headline(summary: dict) -> str:
         lines.append(
             f"  blank-image control: POPE acc {accs}, short-answer acc {b['short_answer']['accuracy']:.3f}"
         )
+        if "caption" in b:
+            lines.append(f"  blank-image captions {_chair(b['caption'])}")
     lines.append(f"  seconds: {summary['seconds']}")
     return "\n".join(lines)

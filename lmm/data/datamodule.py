@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, Literal, Optional, Union
 
@@ -33,17 +33,52 @@ log = logging.getLogger("lmm")
 
 @dataclass
 class EvalSet:
-    """A held-out set scored by generation.
+    """A held-out set, answered by generation or scored by likelihood.
 
     Args:
         name: Name used in logs and result files (e.g. ``pope_random``).
         shards: Shard pattern(s) (brace/glob), e.g. ``data/test/pope_random/shard-*.tar``.
-        kind: Scorer: ``pope`` (yes/no probing metrics) or ``short_answer`` (exact match).
+        kind: Scorer: ``pope`` (yes/no probing metrics), ``short_answer`` (exact match) or
+            ``chair`` (object hallucination of generated captions, CHAIR_s / CHAIR_i, against
+            each sample's ``gt_objects``).
+        scoring: ``generate`` (decode an answer) or ``likelihood`` (the most likely of
+            ``candidates`` by the next-token probability where the answer starts, one forward
+            pass per batch; records keep every candidate's probability, and ``pope`` sets
+            report AUC-ROC over P(yes); see docs/evaluation.md).
+        candidates: The answers ``likelihood`` compares (default for ``pope``: Yes, No).
+        max_new_tokens: Longest generated answer for this set (default: ``model.generation``'s),
+            e.g. longer for captions.
+        synonyms: ``chair``: the synonym table file (one category per line, ``category,
+            synonym, ...``); default: each distinct word of the set's ``gt_objects`` names its
+            own category.
     """
 
     name: str
     shards: str
-    kind: Literal["pope", "short_answer"] = "short_answer"
+    kind: Literal["pope", "short_answer", "chair"] = "short_answer"
+    scoring: Literal["generate", "likelihood"] = "generate"
+    candidates: Optional[list[str]] = None
+    max_new_tokens: Optional[int] = None
+    synonyms: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.scoring == "likelihood" and self.kind == "chair":
+            raise ConfigError(
+                f"eval set {self.name!r}: chair scores generated captions (scoring: generate)"
+            )
+        if self.scoring == "likelihood" and not self.candidates and self.kind != "pope":
+            raise ConfigError(
+                f"eval set {self.name!r}: scoring: likelihood needs candidates (the answers to compare)"
+            )
+        if self.candidates is not None and self.scoring != "likelihood":
+            raise ConfigError(f"eval set {self.name!r}: candidates are for scoring: likelihood")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"eval set {self.name!r}: max_new_tokens must be >= 1")
+
+    def scoring_options(self) -> dict[str, Any]:
+        """What the test step needs besides the samples (sent along with each batch)."""
+        candidates = self.candidates or (["Yes", "No"] if self.scoring == "likelihood" else None)
+        return {**asdict(self), "candidates": candidates}
 
 
 class LMMDataModule(L.LightningDataModule):
@@ -233,7 +268,7 @@ class LMMDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             rank=rank,
             world_size=world,
-            extra={"eval_set": {"name": eval_set.name, "kind": eval_set.kind}},
+            extra={"eval_set": eval_set.scoring_options()},
             index_samples=True,  # results are put back in the set's order after the gather
         )
         return make_loader(stream, self.num_workers)

@@ -2,8 +2,10 @@
 ``lmm.eval.lmms_eval_model``, the optional lmms-eval adapter, which only lmms-eval imports).
 
 One module per benchmark (``pope``, ``vqa``, ``gqa``, ``scienceqa``, ``mme``,
-``mmbench``, ``short_answer``); :mod:`lmm.eval.registry` maps benchmark names to
-them and :mod:`lmm.commands.score` is the ``python -m lmm score`` command.
+``mmbench``, ``mmstar``, ``seedbench``, ``short_answer``, ``chair``); :mod:`lmm.eval.registry`
+maps benchmark names to them and :mod:`lmm.commands.score` is the ``python -m lmm score``
+command. ``ranking`` (AUC-ROC) and ``choices`` (the option letters a question shows) serve
+likelihood-scored answers (``lmm.inference.likelihood``).
 
 The shared reading and matching of prediction files is :mod:`lmm.eval.predictions`.
 

@@ -25,9 +25,13 @@ conversation template, ``<image>\\n`` before the question for each image the tas
 left padding and the KV cache. ``generate_until`` honours the task's ``until`` strings,
 ``max_new_tokens``, ``temperature`` (> 0 samples), ``top_p`` and ``do_sample``;
 ``num_beams`` > 1 is not supported (greedy is used, with a warning). ``loglikelihood``
-returns the summed log-probability of the continuation after the templated prompt (the
-answer prefix of the template included, e.g. vicuna's space) and whether greedy decoding
-would produce it.
+scores the continuation as the assistant's answer to the templated prompt
+(``lmm.inference.likelihood``) and returns ``(loss, is_greedy)`` with loss = the negative summed
+log-probability of its tokens: lmms-eval picks a ``multiple_choice`` answer by ``argmin``
+(``api/task.py``, "we return the actual loss in many model loglikelihood"), so lower must mean
+more likely. ``acc_norm`` divides it by the choice's length in characters, as lm-eval does with
+log-probabilities. Metrics written for log-probabilities read it inverted, as for lmms-eval's
+own models (``perplexity`` = exp(-mean), ``acc_mutual_info`` = argmax of differences).
 """
 
 from __future__ import annotations
@@ -213,30 +217,25 @@ class LMMEvalModel(_LMMSBase):
         return [r if r is not None else "" for r in results]
 
     def _continuation_ids(self, turns: list[dict], continuation: str) -> list[int]:
-        """Token ids of the continuation as they follow the templated prompt."""
-        from lmm.data.templates import parse_conversation
+        """Token ids of the continuation as the assistant's answer after the templated prompt.
 
-        tok, template = self.tokenizer, self.predictor.template
-        prompt, _ = template.render(
-            parse_conversation(turns), tok.eos_token, add_generation_prompt=True
+        lmms-eval puts its ``target_delimiter`` (a space) before each choice (``" A"``); the
+        template's own answer prefix (vicuna's space) already separates the answer, so leading
+        whitespace is dropped: the answer reads ``ASSISTANT: A``, as in training, not with two
+        spaces."""
+        from lmm.inference.likelihood import answer_token_ids
+
+        return answer_token_ids(
+            self.tokenizer, self.predictor.template, continuation.lstrip(), turns
         )
-        text = getattr(template, "answer_prefix", "") + continuation
-        p_ids = tok(prompt)["input_ids"]
-        w_ids = tok(prompt + text)["input_ids"]
-        if w_ids[: len(p_ids)] == p_ids:  # tokenized together, as the model saw answers in training
-            return w_ids[len(p_ids) :]
-        return tok(text, add_special_tokens=False)["input_ids"]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """``(sum log p(continuation | prompt), greedy)`` for ``(context, doc_to_target,
-        doc_to_visual, doc_id, task, split)`` requests."""
-        import torch
-
-        from lmm.data.collate import collate
+        """``(-sum log p(continuation | prompt), greedy)`` for ``(context, doc_to_target,
+        doc_to_visual, doc_id, task, split)`` requests (see the module docstring)."""
+        from lmm.inference.likelihood import continuation_scores
         from lmm.inference.predictor import user_turn
 
-        model = self.predictor.model
-        items = []
+        prompts, conts = [], []
         for req in requests:
             context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
             target = (
@@ -246,32 +245,14 @@ class LMMEvalModel(_LMMSBase):
             )
             images = self._visuals(doc_to_visual, task, split, doc_id)
             turns = [{"from": "human", "value": user_turn(context, len(images))}]
-            prompt = self.predictor.encode(turns, images, f"{task}/{doc_id}")
-            cont = torch.tensor(self._continuation_ids(turns, str(target)), dtype=torch.long)
-            if len(cont) == 0:
+            prompts.append(self.predictor.encode(turns, images, f"{task}/{doc_id}"))
+            conts.append(self._continuation_ids(turns, str(target)))
+            if not conts[-1]:
                 raise ValueError(f"lmms-eval request {task}/{doc_id}: empty continuation")
-            items.append(
-                {**prompt, "input_ids": torch.cat([prompt["input_ids"], cont]), "n_cont": len(cont)}
-            )
-        out: list[tuple[float, bool]] = []
-        dev = self.device
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            # Right padding: a plain forward numbers positions from 0, so padding must come last.
-            batch = collate(chunk, pad_id=self.tokenizer.pad_token_id, left=False)
-            with torch.no_grad():
-                embeds = model.embed(batch["input_ids"].to(dev), batch["pixel_values"].to(dev))
-                logits = model.llm(
-                    inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(dev)
-                ).logits.float()
-            for row, item in enumerate(chunk):
-                n, total = item["n_cont"], len(item["input_ids"])
-                targets = item["input_ids"][total - n :].to(dev)
-                logp = torch.log_softmax(logits[row, total - n - 1 : total - 1], dim=-1)
-                score = float(logp.gather(-1, targets[:, None]).sum())
-                greedy = bool((logp.argmax(-1) == targets).all())
-                out.append((score, greedy))
-        return out
+        scores = continuation_scores(
+            self.predictor.model, prompts, conts, self.tokenizer.pad_token_id, self.batch_size
+        )
+        return [(-logprob, greedy) for logprob, greedy in scores]
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(

@@ -42,10 +42,8 @@ first presentation of each question only: lowest index, round 0), per
 
 from __future__ import annotations
 
-import csv
 import re
 import string
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +52,8 @@ from typing import Any, Iterable, Sequence
 from lmm.errors import AnnotationError
 from lmm.eval.predictions import (
     match_predictions,
-    read_json_or_jsonl,
     read_predictions,
+    read_rows,
     report_counts,
 )
 from lmm.eval.scienceqa import extract_letter
@@ -141,21 +139,10 @@ class MMBenchAnnotations:
     unlabelled: int = 0
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix.lower() in (".json", ".jsonl"):
-        doc = read_json_or_jsonl(path)
-        if not isinstance(doc, list) or not all(isinstance(r, dict) for r in doc):
-            raise AnnotationError(f"{path}: expected a JSON list / JSON lines of rows")
-        return doc
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the image column is base64
-    with path.open("r", encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
-
-
 def load_annotations(path: str | Path) -> MMBenchAnnotations:
     """Load MMBench rows (see the module docstring for grouping)."""
     path = Path(path)
-    raw = _read_rows(path)
+    raw = read_rows(path, "rows")
     if not raw:
         raise AnnotationError(f"{path}: no rows")
     missing_cols = {"index", "question", "A", "B"} - set(raw[0])

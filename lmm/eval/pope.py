@@ -15,6 +15,13 @@ the word list) and an empty answer parses as yes; we keep those quirks.
 Metrics per split (positive class = yes): accuracy, precision, recall, f1,
 yes_ratio, n; over splits: the mean f1 and mean accuracy.
 
+Likelihood-scored predictions (``python -m lmm predict --scoring likelihood``) carry
+``probs``, the candidates' probabilities renormalised over the candidates (``{"Yes": 0.8,
+"No": 0.2}``); their ``text`` is the most likely candidate, so the metrics above are those
+at the argmax. For them each split also gets ``auc_roc`` over P(yes) (the questions that
+have one), and the whole set ``auc_roc`` on the pooled questions of all splits, as
+vlm-evaluation's ``PopeScorer`` computes it (``roc_auc_score`` on the pooled examples).
+
 Definitional choices (the reference divides by zero or silently mis-zips):
 
 * precision/recall/f1 with a zero denominator are 0.0;
@@ -42,6 +49,7 @@ from lmm.eval.predictions import (
     read_predictions,
     report_counts,
 )
+from lmm.eval.ranking import auc_roc
 
 __all__ = [
     "PROMPT_SUFFIX",
@@ -52,6 +60,7 @@ __all__ = [
     "parse_yes_no",
     "pope_metrics",
     "read_predictions",
+    "yes_probability",
 ]
 
 PROMPT_SUFFIX = "Answer the question using a single word or phrase."
@@ -67,6 +76,20 @@ def parse_yes_no(text: str) -> str:
     return "no" if ("No" in words or "no" in words or "not" in words) else "yes"
 
 
+def yes_probability(record: dict[str, Any] | None) -> float | None:
+    """P(yes) of a likelihood-scored record (the ``probs`` of its "yes" candidates), or None."""
+    probs = (record or {}).get("probs")
+    if not isinstance(probs, dict):
+        return None
+    found = [float(p) for k, p in probs.items() if str(k).strip().lower() == "yes"]
+    return sum(found) if found else None
+
+
+def _auc(p_yes: Sequence[float | None], labels: Sequence[str]) -> float | None:
+    pairs = [(p, _label(y) == "yes") for p, y in zip(p_yes, labels) if p is not None]
+    return auc_roc([y for _, y in pairs], [p for p, _ in pairs])
+
+
 def _label(value: Any) -> str:
     label = str(value).strip().lower()
     if label not in ("yes", "no"):
@@ -78,13 +101,18 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 
-def pope_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> dict[str, Any]:
+def pope_metrics(
+    predictions: Sequence[str | None],
+    labels: Sequence[str],
+    p_yes: Sequence[float | None] | None = None,
+) -> dict[str, Any]:
     """Score raw generated answers against "yes"/"no" labels, POPE style.
 
     ``predictions[i]`` is the model's raw text for question i (``None`` =
     no prediction, counted wrong).  Returns accuracy, precision, recall, f1,
     yes_ratio (share of existing predictions parsed as yes), n, tp/fp/tn/fn and
-    missing.
+    missing; with ``p_yes`` (P(yes) per question, None where unknown) also
+    ``auc_roc`` over the questions that have one (None if a class is absent).
     """
     if len(predictions) != len(labels):
         raise ValueError(f"pope_metrics: {len(predictions)} predictions but {len(labels)} labels")
@@ -106,7 +134,9 @@ def pope_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> di
     n = len(labels)
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
+    scored = {} if p_yes is None else {"auc_roc": _auc(p_yes, labels)}
     return {
+        **scored,
         "accuracy": _ratio(tp + tn, n),
         "precision": precision,
         "recall": recall,
@@ -217,12 +247,19 @@ def evaluate(questions: list[PopeQuestion], records: Iterable[dict[str, Any]]) -
     by_split: dict[str, list[PopeQuestion]] = defaultdict(list)
     for q in questions:
         by_split[q.split].append(q)
+    p_yes = {q.key: yes_probability(match.by_key.get(q.key)) for q in questions}
+    scored = any(p is not None for p in p_yes.values())
     per_split = {}
     for split, qs in by_split.items():
         texts = [match.by_key[q.key]["text"] if q.key in match.by_key else None for q in qs]
-        per_split[split] = pope_metrics(texts, [q.label for q in qs])
+        probs = [p_yes[q.key] for q in qs] if scored else None
+        per_split[split] = pope_metrics(texts, [q.label for q in qs], probs)
     n_splits = len(per_split)
+    pooled = {}
+    if scored:
+        pooled["auc_roc"] = _auc([p_yes[q.key] for q in questions], [q.label for q in questions])
     return {
+        **pooled,
         "mean_f1": _ratio(sum(m["f1"] for m in per_split.values()), n_splits),
         "mean_accuracy": _ratio(sum(m["accuracy"] for m in per_split.values()), n_splits),
         "splits": per_split,

@@ -4,7 +4,9 @@ annotation keys while counting every line that could not be used."""
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
@@ -16,7 +18,9 @@ __all__ = [
     "MatchResult",
     "PredictionSet",
     "match_predictions",
+    "match_subset",
     "parse_prediction_lines",
+    "read_rows",
     "read_predictions",
     "read_json_or_jsonl",
     "report_counts",
@@ -47,6 +51,19 @@ def read_json_or_jsonl(path: str | Path) -> Any:
                 "expected one JSON document or JSON lines"
             ) from None
     return items
+
+
+def read_rows(path: Path, what: str) -> list[dict[str, Any]]:
+    """A benchmark's table: TSV with a header row (MMBench, MMStar), or a JSON list / JSON lines
+    of row objects for ``.json``/``.jsonl`` files. ``what`` names the rows in errors."""
+    if path.suffix.lower() in (".json", ".jsonl"):
+        doc = read_json_or_jsonl(path)
+        if not isinstance(doc, list) or not all(isinstance(r, dict) for r in doc):
+            raise AnnotationError(f"{path}: expected a JSON list / JSON lines of {what}")
+        return doc
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # an image column is base64
+    with path.open("r", encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
 
 
 @dataclass
@@ -131,6 +148,27 @@ def match_predictions(
             duplicates += 1
         by_key[key] = record
     return MatchResult(by_key=by_key, unknown=unknown, duplicates=duplicates)
+
+
+def match_subset(
+    records: Iterable[dict[str, Any]], ids: set[str], others: set[str]
+) -> tuple[MatchResult, int]:
+    """Match records by ``str(question_id)`` to the scored ``ids``; records for ``others`` (the
+    benchmark's questions outside the scored subset, e.g. ScienceQA's text-only ones) are set
+    aside and counted (second value), not reported as unknown."""
+    ignored = 0
+
+    def resolve(rec: dict[str, Any]) -> Hashable | None:
+        nonlocal ignored
+        qid = str(rec["question_id"])
+        if qid in ids:
+            return qid
+        if qid in others:
+            ignored += 1
+            return ("outside the subset", qid)  # never a scored key
+        return None
+
+    return match_predictions(records, resolve), ignored
 
 
 def _show_key(key: Hashable) -> str:

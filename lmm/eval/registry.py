@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from lmm.errors import UnknownComponentError
-from lmm.eval import gqa, mmbench, mme, pope, scienceqa, short_answer, vqa
+from lmm.eval import (
+    chair,
+    gqa,
+    mmbench,
+    mme,
+    mmstar,
+    pope,
+    scienceqa,
+    seedbench,
+    short_answer,
+    vqa,
+)
 from lmm.eval.predictions import PredictionSet
 from lmm.eval.predictions import read_predictions as _read_predictions
 from lmm.registry import Registry
@@ -40,15 +51,22 @@ class Benchmark:
     # Benchmarks whose loader takes ``split=`` (POPE: one split; ScienceQA: test by default).
     supports_split: bool = False
     split_default: str | None = None
+    # Further keyword options of the loader, given on the command line (CHAIR: synonyms).
+    options: tuple[str, ...] = ()
+    # What likelihood scoring (``predict --scoring likelihood``) compares: "Yes,No", the
+    # option "letters" shown in each question, or None (an answer to be generated).
+    likelihood_candidates: str | None = None
 
-    def load(self, path: str | Path, split: str | None = None) -> Any:
+    def load(self, path: str | Path, split: str | None = None, **options: Any) -> Any:
         if split is not None and not self.supports_split:
             raise ValueError(f"benchmark {self.name!r} has no --split option")
+        unknown = sorted(k for k, v in options.items() if v is not None and k not in self.options)
+        if unknown:
+            raise ValueError(f"benchmark {self.name!r} has no --{unknown[0]} option")
+        kwargs = {k: v for k, v in options.items() if k in self.options}
         if self.supports_split:
-            return self.load_annotations(
-                path, split=split if split is not None else self.split_default
-            )
-        return self.load_annotations(path)
+            kwargs["split"] = split if split is not None else self.split_default
+        return self.load_annotations(path, **kwargs)
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
@@ -63,6 +81,7 @@ for _bench in (
         load_annotations=pope.load_annotations,
         evaluate=pope.evaluate,
         supports_split=True,
+        likelihood_candidates="Yes,No",
     ),
     Benchmark(
         name="vqav2",
@@ -101,6 +120,7 @@ for _bench in (
         evaluate=scienceqa.evaluate,
         split_default="test",
         supports_split=True,
+        likelihood_candidates="letters",
     ),
     Benchmark(
         name="mme",
@@ -111,6 +131,7 @@ for _bench in (
         primary_metric="perception_score",
         load_annotations=mme.load_annotations,
         evaluate=mme.evaluate,
+        likelihood_candidates="Yes,No",
     ),
     Benchmark(
         name="mmbench",
@@ -120,6 +141,39 @@ for _bench in (
         primary_metric="accuracy",
         load_annotations=mmbench.load_annotations,
         evaluate=mmbench.evaluate,
+        likelihood_candidates="letters",
+    ),
+    Benchmark(
+        name="mmstar",
+        description="MMStar accuracy (official answer check), per category and l2 category",
+        annotation_format="MMStar.tsv (index, question, answer, category, l2_category) or JSON rows",
+        prompt_suffix=mmstar.PROMPT_SUFFIX,
+        primary_metric="accuracy",
+        load_annotations=mmstar.load_annotations,
+        evaluate=mmstar.evaluate,
+        likelihood_candidates="letters",
+    ),
+    Benchmark(
+        name="seedbench_img",
+        description="SEED-Bench image questions (dimensions 1-9): accuracy, per dimension",
+        annotation_format='SEED-Bench.json ({"questions": [...], "question_type": {...}}) or JSON rows',
+        prompt_suffix=seedbench.PROMPT_SUFFIX,
+        primary_metric="accuracy",
+        load_annotations=seedbench.load_annotations,
+        evaluate=seedbench.evaluate,
+        likelihood_candidates="letters",
+    ),
+    Benchmark(
+        name="chair",
+        description="CHAIR_s / CHAIR_i object hallucination of captions (needs --synonyms for COCO)",
+        annotation_format="folder of COCO instances_*.json / captions_*.json, or JSON lines "
+        "of {image_id, objects}; predictions {image_id, caption} or {question_id, text}",
+        prompt_suffix="",
+        primary_metric="chair_i",
+        load_annotations=chair.load_annotations,
+        evaluate=chair.evaluate,
+        read_predictions=chair.read_predictions,
+        options=("synonyms",),
     ),
     Benchmark(
         name="short_answer",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmm.errors import AnnotationError
-from lmm.eval.predictions import match_predictions, read_predictions, report_counts
+from lmm.eval.predictions import match_subset, read_predictions, report_counts
 
 __all__ = [
     "PROMPT_SUFFIX",
@@ -152,19 +152,7 @@ def load_annotations(path: str | Path, split: str | None = "test") -> SQAAnnotat
 def evaluate(ann: SQAAnnotations, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Score prediction records (``question_id``, ``text``) on the IMG subset."""
     ids = {q.question_id for q in ann.image_questions}
-    ignored = 0
-
-    def resolve(rec: dict[str, Any]) -> str | None:
-        nonlocal ignored
-        qid = str(rec["question_id"])
-        if qid in ids:
-            return qid
-        if qid in ann.non_image_ids:
-            ignored += 1
-            return ("non-image", qid)  # kept out of scoring below
-        return None
-
-    match = match_predictions(records, resolve)
+    match, ignored = match_subset(records, ids, ann.non_image_ids)
     correct = unparsed = 0
     for q in ann.image_questions:
         rec = match.by_key.get(q.question_id)

@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -37,6 +37,7 @@ from lmm.data.collate import collate
 from lmm.data.encode import Processor, SampleEncoder
 from lmm.data.templates import Template, stop_token_ids
 from lmm.errors import SampleError
+from lmm.inference.likelihood import Candidates, candidate_probs, candidates_for
 from lmm.model.lmm import LMM, GenerationConfig
 
 # -- ordering across ranks -------------------------------------------------------------------
@@ -85,6 +86,7 @@ class Predictor:
         self.encoder = SampleEncoder(processor, template, max_length)
         self.template = self.encoder.template  # bound to the tokenizer
         self.stop_ids = stop_token_ids(tok, self.template)
+        self._candidates: dict[tuple[str, ...], Candidates] = {}
 
     @classmethod
     def from_checkpoint(cls, ckpt, batch_size: int = 16, **generation: Any) -> "Predictor":
@@ -144,14 +146,51 @@ class Predictor:
         Prompts are batched by length (longest first), which keeps padding low; under greedy
         decoding the answers do not depend on the batching (tests check this).
         """
-        n = batch_size or self.batch_size
-        by_length = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
         answers: list[str] = [""] * len(samples)
-        for start in range(0, len(by_length), n):
-            idx = by_length[start : start + n]
+        for idx in self._length_batches(samples, batch_size):
             for i, text in zip(idx, self.generate([samples[i] for i in idx], generation)):
                 answers[i] = text
         return answers
+
+    def _length_batches(self, samples: list[dict], batch_size: Optional[int]) -> list[list[int]]:
+        """Sample indices in batches of similar length, longest first."""
+        n = batch_size or self.batch_size
+        by_length = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
+        return [by_length[start : start + n] for start in range(0, len(by_length), n)]
+
+    def candidates(self, labels: Sequence[str]) -> Candidates:
+        """The tokens that score ``labels`` (``lmm.inference.likelihood``), computed once."""
+        key = tuple(labels)
+        if key not in self._candidates:
+            self._candidates[key] = candidates_for(self.model.tokenizer, self.template, key)
+        return self._candidates[key]
+
+    @torch.no_grad()
+    def score_candidates(
+        self,
+        samples: list[dict],
+        labels: Sequence[Sequence[str]],
+        batch_size: Optional[int] = None,
+    ) -> list[dict[str, float]]:
+        """``{candidate: probability}`` per encoded prompt, renormalised over its candidates
+        ``labels[i]`` (``lmm.inference.likelihood``); one forward pass per batch, batched by
+        length like :meth:`generate_all`."""
+        out: list[dict[str, float]] = [{} for _ in samples]
+        dev = self.device
+        for idx in self._length_batches(samples, batch_size):
+            batch = collate(
+                [samples[i] for i in idx], pad_id=self.model.tokenizer.pad_token_id, left=True
+            )
+            probs = candidate_probs(
+                self.model,
+                batch["input_ids"].to(dev),
+                batch["attention_mask"].to(dev),
+                batch["pixel_values"].to(dev),
+                [self.candidates(labels[i]) for i in idx],
+            )
+            for i, p in zip(idx, probs):
+                out[i] = p
+        return out
 
 
 # -- `python -m lmm predict` ---------------------------------------------------------------------
@@ -207,11 +246,16 @@ def answer_questions(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    candidates: Optional[Callable[[dict], Sequence[str]]] = None,
 ) -> list[dict]:
     """LLaVA-style answer records for this rank's share of ``questions`` (tagged with ``order``).
 
-    A question that cannot be answered (missing image, prompt over max_length) gets an empty
-    answer and an ``error`` field instead of stopping the run.
+    With ``candidates`` (question -> its candidate answers) the questions are scored by
+    likelihood instead of generation: ``text`` is the most likely candidate and ``probs``
+    holds every candidate's probability, renormalised over them.
+
+    A question that cannot be answered (missing image, prompt over max_length, no candidates)
+    gets an empty answer and an ``error`` field instead of stopping the run.
     """
     mine = list(range(rank, len(questions), world_size))
     records: list[dict] = []
@@ -219,16 +263,24 @@ def answer_questions(
     started = time.perf_counter()
     for start in range(0, len(mine), step):
         chunk = mine[start : start + step]
-        samples, ok, errors = [], [], {}
+        samples, ok, errors, labels = [], [], {}, []
         for i in chunk:
             q = questions[i]
             try:
+                if candidates is not None:
+                    labels.append(tuple(candidates(q)))
                 images = [_load_image(image_folder, q["image"])] if q.get("image") else []
                 samples.append(predictor.encode_question(q["text"], images, str(q["question_id"])))
                 ok.append(i)
-            except SampleError as err:
+            except (SampleError, ValueError) as err:
                 errors[i] = str(err)
-        answers = dict(zip(ok, predictor.generate_all(samples)))
+                labels = labels[: len(ok)]
+        probs: dict[int, dict[str, float]] = {}
+        if candidates is None:
+            answers = dict(zip(ok, predictor.generate_all(samples)))
+        else:
+            probs = dict(zip(ok, predictor.score_candidates(samples, labels)))
+            answers = {i: max(p, key=p.get) for i, p in probs.items()}
         for i in chunk:
             q = questions[i]
             rec = {
@@ -240,6 +292,8 @@ def answer_questions(
                 "model_id": model_id,
                 "metadata": {},
             }
+            if i in probs:
+                rec["probs"] = probs[i]
             if i in errors:
                 rec["error"] = errors[i]
             records.append(rec)

@@ -17,7 +17,8 @@ from lmm.checkpoints.directory import save_checkpoint_dir
 from lmm.checkpoints.weights import load_weights, save_weights
 from lmm.data.encode import Processor
 from lmm.data.templates import stop_token_ids
-from lmm.eval.results import is_correct, score_eval_set, summary_table
+from lmm.eval.results import is_correct, pooled_pope_auc, score_eval_set, summary_table
+from lmm.inference.likelihood import Candidates, candidate_probs, candidates_for
 from lmm.inference.ordering import gather_in_order
 from lmm.model.connectors import ConnectorConfig, as_connector_config
 from lmm.model.efficiency import EfficiencyConfig, checkpoint_blocks, compile_blocks
@@ -169,7 +170,8 @@ class LMMModule(L.LightningModule):
         self._step_started: float | None = None
         self._resume_rng: Optional[list[dict]] = None  # random states from a checkpoint, per rank
         self._eval_records: dict[str, list[dict]] = defaultdict(list)
-        self._eval_kinds: dict[str, str] = {}
+        self._eval_sets: dict[str, dict] = {}  # name -> EvalSet.scoring_options()
+        self._candidates: dict[tuple[str, ...], Candidates] = {}
         self.test_metrics: dict[str, Any] = {}
 
     @property
@@ -430,35 +432,68 @@ class LMMModule(L.LightningModule):
             )
         return self._stop_ids
 
-    def _generate(self, batch: dict) -> list[str]:
+    def _generate(self, batch: dict, max_new_tokens: Optional[int] = None) -> list[str]:
+        kwargs = self.gen_cfg.kwargs()
+        if max_new_tokens:
+            kwargs["max_new_tokens"] = max_new_tokens
         return self.model.generate_text(
             batch["input_ids"],
             batch["attention_mask"],
             batch["pixel_values"],
             stop_token_ids=self._stop_token_ids(),
-            **self.gen_cfg.kwargs(),
+            **kwargs,
+        )
+
+    def _likelihood(self, batch: dict, labels: list[str]) -> list[dict[str, float]]:
+        """Each candidate's probability per prompt, renormalised over the candidates
+        (``lmm.inference.likelihood``; one forward pass)."""
+        key = tuple(labels)
+        if key not in self._candidates:
+            template = getattr(getattr(self.trainer, "datamodule", None), "template", None)
+            if template is None:
+                raise ValueError("likelihood scoring needs the LMMDataModule's template")
+            self._candidates[key] = candidates_for(self.model.tokenizer, template, key)
+        return candidate_probs(
+            self.model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            [self._candidates[key]] * batch["input_ids"].shape[0],
         )
 
     def _record(self, batch: dict) -> list[dict]:
         self._count_skips(batch)
         if batch["size"] == 0:
             return []
-        answers = self._generate(batch)
         eval_set = batch["eval_set"]
-        self._eval_kinds[eval_set["name"]] = eval_set["kind"]
+        self._eval_sets[eval_set["name"]] = eval_set
+        probs: list[Optional[dict[str, float]]] = [None] * batch["size"]
+        if eval_set.get("scoring") == "likelihood":
+            probs = list(self._likelihood(batch, eval_set["candidates"]))
+            answers = [max(p, key=p.get) for p in probs]
+        else:
+            answers = self._generate(batch, eval_set.get("max_new_tokens"))
         records = []
         orders = batch.get("order") or [None] * len(answers)
-        for meta, answer, order in zip(batch["meta"], answers, orders):
-            records.append(
-                {
-                    "order": order,  # place in the unsplit eval set; dropped after the gather
-                    "question_id": meta.get("question_id", meta["id"]),
-                    "question": _last_question(meta["conversations"]),
-                    "text": answer,
-                    "answer": str(meta.get("answer", meta.get("label", ""))),
-                    "category": meta.get("category", eval_set["kind"]),
-                }
-            )
+        for meta, answer, order, p in zip(batch["meta"], answers, orders, probs):
+            record = {
+                "order": order,  # place in the unsplit eval set; dropped after the gather
+                "question_id": meta.get("question_id", meta["id"]),
+                "question": _last_question(meta["conversations"]),
+                "text": answer,
+                "answer": str(meta.get("answer", meta.get("label", ""))),
+                "category": meta.get("category", eval_set["kind"]),
+            }
+            if p is not None:
+                record["probs"] = p
+            if eval_set["kind"] == "chair":
+                if not isinstance(meta.get("gt_objects"), list):
+                    raise ValueError(
+                        f"eval set {eval_set['name']!r} (kind chair): sample {meta['id']!r} has no "
+                        "'gt_objects' list (the image's object words)"
+                    )
+                record["gt_objects"] = meta["gt_objects"]
+            records.append(record)
         self._eval_records[eval_set["name"]].extend(records)
         return records
 
@@ -498,32 +533,37 @@ class LMMModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._record(batch)
 
-    def _gather_kinds(self) -> dict[str, str]:
-        """Eval sets (name -> kind) seen on any rank (a rank may get no sample of a small set)."""
+    def _gather_sets(self) -> dict[str, dict]:
+        """Eval sets (name -> options) seen on any rank (a rank may get no sample of a small set)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return dict(self._eval_kinds)
+            return dict(self._eval_sets)
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, dict(self._eval_kinds))
-        kinds: dict[str, str] = {}
+        torch.distributed.all_gather_object(gathered, dict(self._eval_sets))
+        sets: dict[str, dict] = {}
         for part in gathered:  # same merge order on every rank: the gathers below line up
-            kinds.update(part)
-        return kinds
+            sets.update(part)
+        return sets
 
     def on_test_epoch_end(self) -> None:
         # Every rank (and dataloader worker) saw a different slice of each set: gather them
         # and restore the sets' original order, so prediction files and "first N" views
         # do not depend on the number of devices or workers.
-        self._eval_kinds = self._gather_kinds()
+        self._eval_sets = self._gather_sets()
         per_set = {
-            name: gather_in_order(self._eval_records.get(name, [])) for name in self._eval_kinds
+            name: gather_in_order(self._eval_records.get(name, [])) for name in self._eval_sets
         }
         metrics = {
-            name: score_eval_set(self._eval_kinds.get(name, "short_answer"), recs)
+            name: score_eval_set(
+                self._eval_sets[name]["kind"], recs, self._eval_sets[name].get("synonyms")
+            )
             for name, recs in per_set.items()
         }
-        pope = [m["f1"] for n, m in metrics.items() if self._eval_kinds.get(n) == "pope"]
-        if pope:
-            metrics["pope_mean_f1"] = sum(pope) / len(pope)
+        pope_sets = [n for n in metrics if self._eval_sets[n]["kind"] == "pope"]
+        if pope_sets:
+            metrics["pope_mean_f1"] = sum(metrics[n]["f1"] for n in pope_sets) / len(pope_sets)
+            auc = pooled_pope_auc([r for n in pope_sets for r in per_set[n]])
+            if auc is not None:  # likelihood-scored: vlm-evaluation's AUC on the pooled splits
+                metrics["pope_auc_roc"] = auc
         if self.skipped:
             metrics["skipped"] = dict(self.skipped)
         self._eval_records.clear()

@@ -120,6 +120,10 @@ class WorldConfig:
     """Number of validation images."""
     test_images: int = 300
     """Number of held-out test images (POPE and short-answer)."""
+    caption_test_images: int = 150
+    """The first this many test images also get a "Describe the image." sample (the describe
+    turn of the finetune data) in ``test/caption``, whose generated captions are scored by CHAIR
+    against the image's shape kinds (``gt_objects``). Other splits do not change with it."""
     samples_per_shard: int = 2000
     """Maximum samples per shard for the pretrain/finetune splits."""
     eval_samples_per_shard: int = 1000
@@ -201,6 +205,8 @@ class WorldConfig:
             raise ValueError("need 1 <= min_turns <= max_turns")
         if self.turns_per_sample < 0:
             raise ValueError("turns_per_sample must be >= 0 (0 = one conversation per image)")
+        if self.caption_test_images < 0:
+            raise ValueError("caption_test_images must be >= 0")
         if self.samples_per_shard < 1 or self.eval_samples_per_shard < 1:
             raise ValueError("samples per shard must be positive")
         paired = [s for pair in self.partner_pairs for s in pair]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lmm.constants import IMAGE_TOKEN
-from lmm.worlds.shapes.config import PRETRAIN_PROMPT, WorldConfig, WorldObject
+from lmm.worlds.shapes.config import DESCRIBE_QUESTION, PRETRAIN_PROMPT, WorldConfig, WorldObject
 from lmm.worlds.shapes.pope import pope_questions
 from lmm.worlds.shapes.scene import image_rng, png_bytes, render, sample_objects
 from lmm.worlds.shapes.text import (
@@ -15,6 +15,8 @@ from lmm.worlds.shapes.text import (
     make_conversation,
     short_answer_questions,
 )
+
+CAPTION_SPLIT = "test/caption"
 
 
 def with_image(cfg: WorldConfig, question: str) -> str:
@@ -95,6 +97,10 @@ def eval_image_samples(
         groups.update(
             {f"test/pope_{s}": [(q, a, "pope") for q, a in items] for s, items in pope.items()}
         )
+        if index < cfg.caption_test_images:
+            # Its own text stream: the other splits' texts stay as they were without it.
+            caption = make_caption(cfg, objects, image_rng(cfg, split, index, 2))
+            groups[CAPTION_SPLIT] = [(DESCRIBE_QUESTION, caption, "describe")]
     samples: list[Sample] = []
     for out_split, items in groups.items():
         for j, (question, answer, category) in enumerate(items):
@@ -113,5 +119,7 @@ def eval_image_samples(
                 category=category,
                 objects=objs,
             )
+            if category == "describe":  # CHAIR's ground truth: the kinds in the image
+                record["gt_objects"] = [s for s in cfg.shapes if any(o.shape == s for o in objects)]
             samples.append((out_split, key, png, json_bytes(record)))
     return samples

@@ -13,7 +13,8 @@ from lmm.worlds.shapes.config import PALETTE, WorldConfig, WorldObject
 
 
 def image_rng(cfg: WorldConfig, split: str, index: int, stream: int = 0) -> np.random.Generator:
-    """Random stream of image ``index`` of ``split``; ``stream`` 0 = layout, 1 = texts.
+    """Random stream of image ``index`` of ``split``; ``stream`` 0 = layout, 1 = texts,
+    2 = the reference caption of a ``test/caption`` sample.
 
     crc32 (not ``hash``) keeps the split id stable across Python processes.
     """

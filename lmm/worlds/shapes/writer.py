@@ -14,10 +14,14 @@ from lmm.data.tar_writer import ShardWriter
 from lmm.worlds.shapes.config import FORMAT_VERSION, WorldConfig, WorldObject
 from lmm.worlds.shapes.pope import compute_stats
 from lmm.worlds.shapes.samples import (
+    CAPTION_SPLIT,
     eval_image_samples,
     json_bytes,
     train_image_samples,
 )
+
+CHAIR_SYNONYMS = "chair_synonyms.txt"
+"""The synonym table of ``test/caption`` (one shape kind per line), next to its shards."""
 
 
 def _imap(fn: Callable[[int], Any], n: int, pool: Any, workers: int) -> Iterator[Any]:
@@ -55,6 +59,7 @@ OUTPUT_SPLITS: tuple[str, ...] = (
     "test/pope_popular",
     "test/pope_adversarial",
     "test/short_answer",
+    CAPTION_SPLIT,
 )
 
 
@@ -68,9 +73,10 @@ def write_world(
 ) -> dict[str, Any]:
     """Generate the whole world under ``out_dir`` and return its manifest.
 
-    Layout: ``pretrain/``, ``finetune/``, ``val/``, ``test/pope_{random,popular,adversarial}/``
-    and ``test/short_answer/``, each holding ``shard-XXXXXX.tar`` files, plus
-    ``manifest.json`` (written last, so it marks a complete world).  If a manifest with
+    Layout: ``pretrain/``, ``finetune/``, ``val/``, ``test/pope_{random,popular,adversarial}/``,
+    ``test/short_answer/`` and ``test/caption/`` (with ``chair_synonyms.txt``: the shape kinds,
+    CHAIR's synonym table), each holding ``shard-XXXXXX.tar`` files, plus ``manifest.json``
+    (written last, so it marks a complete world).  If a manifest with
     the same config already exists the world is reused unless ``overwrite``.
     ``num_workers`` (default: all cores) only changes speed, never the output.
     """
@@ -113,7 +119,9 @@ def write_world(
                 for out_split, key, png, js in per_image:
                     if out_split not in writers:
                         writers[out_split] = ShardWriter(out, out_split, cfg.eval_samples_per_shard)
-                        images[out_split] = n
+                        images[out_split] = (
+                            min(n, cfg.caption_test_images) if out_split == CAPTION_SPLIT else n
+                        )
                     w = writers[out_split]
                     # question_id = running index within the output split (known only here).
                     record = json.loads(js)
@@ -127,6 +135,10 @@ def write_world(
             pool.join()
     for w in writers.values():
         w.close()
+    if CAPTION_SPLIT in writers:
+        (out / CAPTION_SPLIT / CHAIR_SYNONYMS).write_text(
+            "\n".join(cfg.shapes) + "\n", encoding="utf-8"
+        )
 
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -40,6 +40,7 @@ TINY_SPEC = TinySpec(
 )
 TOKENS_PER_IMAGE = (TINY_SPEC.image_size // TINY_SPEC.patch_size) ** 2  # 16
 
+
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

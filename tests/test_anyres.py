@@ -125,7 +125,15 @@ def test_crops_are_the_padded_canvas_row_major():
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(max_grid=0), dict(grids=[[0, 1]]), dict(max_tiles=0), dict(shrink_tolerance=0.5)]
+    "bad",
+    [
+        dict(max_grid=0),
+        dict(grids=[[0, 1]]),
+        dict(max_tiles=0),
+        dict(shrink_tolerance=0.5),
+        dict(crop_fill="grey"),
+        dict(multi_image_preprocess="squash"),
+    ],
 )
 def test_bad_settings_name_the_option(bad):
     with pytest.raises(ConfigError, match="model.vision.anyres"):

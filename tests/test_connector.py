@@ -205,6 +205,8 @@ def test_output_init_std_reinitialises_only_the_output_layer(name):
 def test_output_init_std_needs_a_linear_output():
     with pytest.raises(ConfigError, match="output_init_std"):
         build_connector(ConnectorConfig(name="identity", output_init_std=0.01), 8, 8, 4)
+    with pytest.raises(ConfigError, match="'tinyllava_resampler' has no linear output layer"):
+        build_connector(ConnectorConfig(name="tinyllava_resampler", output_init_std=0.01), 8, 8, 4)
 
 
 # -- connectors for fused towers ------------------------------------------------------------------
@@ -319,3 +321,134 @@ def test_qformer_one_fit_step_through_the_cli(tiny_models, tiny_world, tmp_path)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 1
     assert not torch.equal(model.connector.query_tokens.detach(), before)
+
+
+# -- TinyLLaVA's resampler against the reference architecture -------------------------------------
+# Written out from TinyLLaVA_Factory tinyllava/model/connector/resampler.py (commit 9e010c0, the
+# version in TinyLLaVA/TinyLLaVA_Factory@53f12c7): PerceiverResampler(config) with
+# dim = config.hidden_size (the LLM's), depth = num_resampler_layers (ModelArguments default 3),
+# num_latents = num_queries (default 128), PerceiverAttention(dim, dim_head=64, heads=8),
+# FeedForward(dim, mult=4). Rewritten here with plain torch ops (the reference uses einops).
+
+
+class _RefPerceiverAttention(torch.nn.Module):
+    def __init__(self, dim, dim_head=64, heads=8):
+        super().__init__()
+        self.scale, self.heads = dim_head**-0.5, heads
+        inner = dim_head * heads
+        self.norm_media = torch.nn.LayerNorm(dim)
+        self.norm_latents = torch.nn.LayerNorm(dim)
+        self.to_q = torch.nn.Linear(dim, inner, bias=False)
+        self.to_kv = torch.nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = torch.nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x, latents):  # x: (b, T, n1, D), latents: (b, T, n2, D)
+        x, latents = self.norm_media(x), self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
+
+        def heads(t):  # "b t n (h d) -> b h t n d"
+            b, tt, n, _ = t.shape
+            return t.view(b, tt, n, self.heads, -1).permute(0, 3, 1, 2, 4)
+
+        q, k, v = heads(q) * self.scale, heads(k), heads(v)
+        sim = q @ k.transpose(-1, -2)
+        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+        out = sim.softmax(dim=-1) @ v  # b h t n d
+        b, h, tt, n, d = out.shape
+        return self.to_out(out.permute(0, 2, 3, 1, 4).reshape(b, tt, n, h * d))
+
+
+class _RefPerceiverResampler(torch.nn.Module):
+    def __init__(self, hidden_size, vision_hidden_size, depth=3, num_latents=128):
+        super().__init__()
+        dim = hidden_size
+        self.latents = torch.nn.Parameter(torch.randn(num_latents, dim))
+        self.layers = torch.nn.ModuleList([])
+        self.linear = torch.nn.Linear(vision_hidden_size, hidden_size)
+        for _ in range(depth):
+            ff = torch.nn.Sequential(
+                torch.nn.LayerNorm(dim),
+                torch.nn.Linear(dim, 4 * dim, bias=False),
+                torch.nn.GELU(),
+                torch.nn.Linear(4 * dim, dim, bias=False),
+            )
+            self.layers.append(torch.nn.ModuleList([_RefPerceiverAttention(dim), ff]))
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.linear(x).unsqueeze(1)
+        latents = self.latents[None, None].repeat(x.shape[0], 1, 1, 1)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm(latents).squeeze(1)
+
+
+def test_tinyllava_resampler_gives_128_tokens_at_the_llm_width():
+    torch.manual_seed(0)
+    c = build_connector("tinyllava_resampler", 24, 40, 729)
+    assert c.num_output_tokens == 128 and len(c.layers) == 3
+    for n in (729, 576, 5):  # any tower token count
+        assert c(torch.randn(2, n, 24)).shape == (2, 128, 40)
+    small = build_connector(
+        ConnectorConfig(name="tinyllava_resampler", num_queries=7, depth=1, heads=2, head_dim=4),
+        24, 40, 16,
+    )  # fmt: skip
+    assert small.num_output_tokens == 7 and small(torch.randn(1, 16, 24)).shape == (1, 7, 40)
+    assert small.layers[0][0].to_q.weight.shape == (8, 40)
+    with pytest.raises(
+        ConfigError,
+        match="model.connector.factor does not apply to connector 'tinyllava_resampler'",
+    ):
+        build_connector(ConnectorConfig(name="tinyllava_resampler", factor=3), 24, 40, 16)
+
+
+def test_tinyllava_resampler_loads_into_the_reference_and_computes_the_same():
+    """Same parameter names and shapes as TinyLLaVA_Factory's PerceiverResampler (its checkpoint
+    keys are ours behind ``connector._connector.``), and the same output."""
+    vision, llm = 24, 40
+    torch.manual_seed(0)
+    ours = build_connector("tinyllava_resampler", vision, llm, 729).eval()
+    ref = _RefPerceiverResampler(hidden_size=llm, vision_hidden_size=vision).eval()
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert mine == theirs
+    # The shapes the notes' reference reading lists, for D = LLM width and V = tower width.
+    assert theirs["latents"] == (128, llm) and theirs["linear.weight"] == (llm, vision)
+    assert theirs["layers.2.0.to_q.weight"] == (512, llm)
+    assert theirs["layers.2.0.to_kv.weight"] == (1024, llm)
+    assert theirs["layers.2.0.to_out.weight"] == (llm, 512)
+    assert theirs["layers.2.1.1.weight"] == (4 * llm, llm) and theirs["layers.2.1.3.weight"] == (
+        llm,
+        4 * llm,
+    )
+    # Biases only in the first projection and the LayerNorms: attention and feed-forward have none.
+    norms = {
+        f"layers.{i}.{n}.bias" for i in range(3) for n in ("0.norm_media", "0.norm_latents", "1.0")
+    }
+    assert {k for k in theirs if k.endswith("bias")} == {"linear.bias", "norm.bias"} | norms
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(3, 50, vision)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    # The latents start as the reference's: standard normal, not the 0.02 of lmm's resampler.
+    assert 0.8 < ours.latents.std().item() < 1.2
+
+
+def test_tinyllava_resampler_refuses_anyres(tiny_models):
+    from lmm.model.language import LanguageConfig
+    from lmm.model.lmm import LMM
+    from lmm.model.towers import VisionConfig
+    from lmm.visual.anyres import AnyResConfig
+
+    vision = VisionConfig(
+        name_or_path=str(tiny_models["vision"]), feature_layer=-1, anyres=AnyResConfig()
+    )
+    spec = ConnectorConfig(
+        name="tinyllava_resampler", num_queries=9
+    )  # a square count, still no grid
+    with pytest.raises(
+        ConfigError, match="'tinyllava_resampler' gives 9 tokens from learned queries"
+    ):
+        LMM(vision, LanguageConfig(name_or_path=str(tiny_models["llm"])), spec)

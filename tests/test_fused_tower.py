@@ -99,7 +99,8 @@ def test_each_view_is_what_the_tower_alone_is_given(standins, preprocess):
     for k, tower in enumerate(alone):
         assert torch.equal(x[3 * k : 3 * k + 3], ImageTransform(tower.image_spec)(wide)), k
         if preprocess != "resize":  # the top rows are padding: the tower's own mean colour
-            assert x[3 * k : 3 * k + 3, :4].abs().max() < 0.01, k
+            # int(mean * 255), as LLaVA and Prismatic pad: within one 8-bit level of the mean
+            assert x[3 * k : 3 * k + 3, :4].abs().max() < 1 / 255 / min(tower.image_spec.std), k
     assert torch.equal(ImageTransform(fused.image_spec).blank(), torch.zeros(9, 32, 32))
 
 
@@ -373,4 +374,11 @@ def test_dinov2_and_fused_towers_survive_a_checkpoint_directory(
         torch.testing.assert_close(
             loaded.encode_images(pv), model.encode_images(pv), rtol=0, atol=1e-6
         )
-    assert loaded.vision.image_spec == model.vision.image_spec
+    # The images are prepared the same (the saved processor holds the preparation, not the
+    # tower's own processor geometry: `native` is not part of what a checkpoint keeps).
+    ours, theirs = loaded.vision.image_spec, model.vision.image_spec
+    assert (ours.mode, ours.size, ours.mean, ours.std, ours.fill) == (
+        theirs.mode, theirs.size, theirs.mean, theirs.std, theirs.fill
+    )  # fmt: skip
+    wide = Image.new("RGB", (50, 20), (250, 30, 90))
+    assert torch.equal(ImageTransform(ours)(wide), ImageTransform(theirs)(wide))

@@ -1,4 +1,4 @@
-"""Image preprocessing: every PIL mode to RGB, and resize / pad / letterbox into the square input.
+"""Image preprocessing: every PIL mode to RGB, and resize / pad / crop / letterbox into the square input.
 
 Expected values are computed by hand from the documented rules (see ``lmm.data.image``).
 """
@@ -6,6 +6,7 @@ Expected values are computed by hand from the documented rules (see ``lmm.data.i
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -218,7 +219,7 @@ def test_letterbox_keeps_aspect_and_pads_after_scaling():
     assert _rows_equal(out, [0, 1, 2, 5, 6, 7], FILL) and _rows_equal(out, [3, 4], RED)
 
 
-@pytest.mark.parametrize("mode", ["resize", "pad", "letterbox"])
+@pytest.mark.parametrize("mode", ["resize", "pad", "letterbox", "crop"])
 def test_square_images_are_only_resized(mode):
     img = _half_half(8, 8)
     ref = img.resize((16, 16), Image.Resampling.BICUBIC)
@@ -237,23 +238,58 @@ def test_padding_is_zero_after_normalisation(mode):
     assert torch.equal(ImageTransform(spec).blank(), torch.zeros(3, 16, 16))
 
 
-def test_fill_is_the_rounded_mean_colour():
+def test_fill_is_the_mean_colour_truncated_or_rounded():
     clip_mean = (0.48145466, 0.4578275, 0.40821073)  # 122.77, 116.75, 104.09
-    assert _spec(8, "pad", mean=clip_mean).fill == (123, 117, 104)
-    assert _spec(8, "pad", mean=(0.5, 0.5, 0.5)).fill == (128, 128, 128)
+    # floor (default): LLaVA's `tuple(int(x * 255) for x in image_mean)` (llava/train/train.py).
+    assert _spec(8, "pad", mean=clip_mean).fill == (122, 116, 104)
+    assert _spec(8, "pad", mean=(0.5, 0.5, 0.5)).fill == (127, 127, 127)
+    nearest = ImageSpec(size=8, mean=clip_mean, std=(0.5,) * 3, fill_rounding="nearest")
+    assert nearest.fill == (123, 117, 104)
+    assert replace(nearest, mean=(0.5,) * 3).fill == (128, 128, 128)
+    with pytest.raises(ConfigError, match="model.vision.fill_rounding.*floor, nearest"):
+        replace(nearest, fill_rounding="round")
 
 
 def test_unknown_preprocess_names_the_option_and_the_choices():
+    choices = "square, pad, crop, resize, letterbox"
     with pytest.raises(ConfigError) as info:
-        ImageSpec(size=8, mean=(0.5,) * 3, std=(0.5,) * 3, preprocess="crop")
-    assert "model.vision.image_preprocess" in str(info.value) and "resize, pad, letterbox" in str(
-        info.value
-    )
-    with pytest.raises(ConfigError, match="resize, pad, letterbox"):
+        ImageSpec(size=8, mean=(0.5,) * 3, std=(0.5,) * 3, preprocess="centre")
+    assert "model.vision.image_preprocess" in str(info.value) and choices in str(info.value)
+    with pytest.raises(ConfigError, match="pad, crop, resize, letterbox"):
         fit_square(Image.new("RGB", (4, 2)), 4, "squash", FILL)
     with pytest.raises(ConfigError, match="letterbox"):
         _spec(8, "pad").with_preprocess("Letterbox")
     assert _spec(8, "pad").with_preprocess("letterbox").preprocess == "letterbox"
+
+
+def test_square_is_the_towers_own_mode_and_refused_when_unknown():
+    assert _spec(8, "square").mode == "resize"  # native default: a squash
+    crop = ImageSpec(size=8, mean=SPEC_MEAN, std=(0.25,) * 3, preprocess="square", native="crop")
+    assert crop.mode == "crop" and crop.with_preprocess("pad").mode == "pad"
+    with pytest.raises(
+        ConfigError, match="image_preprocess=square.*choose resize, crop, pad or letterbox"
+    ):
+        replace(crop, native=None)
+    assert replace(crop, native=None, preprocess="crop").mode == "crop"
+    with pytest.raises(ConfigError, match="crop_from=6 is smaller than the input size 8"):
+        replace(crop, crop_from=6)
+
+
+def test_crop_resizes_the_shortest_edge_then_keeps_the_centre():
+    # 8 wide x 4 high, shortest edge -> 8: 16 x 8, then the centre 8 columns (4..11).
+    img = Image.fromarray(np.arange(8 * 4 * 3, dtype=np.uint8).reshape(4, 8, 3))
+    out = fit_square(img, 8, "crop", FILL)
+    ref = img.resize((16, 8), Image.Resampling.BICUBIC).crop((4, 0, 12, 8))
+    assert out.size == (8, 8) and out.tobytes() == ref.tobytes()
+    # crop_from: shortest edge to 10 (tall 3 x 7 -> 10 x int(10 * 7 / 3) = 23), centre 8: offsets 1, 7.
+    tall = Image.fromarray(np.arange(3 * 7 * 3, dtype=np.uint8).reshape(7, 3, 3))
+    ref = tall.resize((10, 23), Image.Resampling.BICUBIC).crop((1, 7, 9, 15))
+    assert fit_square(tall, 8, "crop", FILL, crop_from=10).tobytes() == ref.tobytes()
+    # pad with a crop-style tower only resizes its square (crop_from plays no part).
+    padded = fit_square(tall, 8, "pad", FILL)
+    square = Image.new("RGB", (7, 7), FILL)
+    square.paste(tall, (2, 0))
+    assert padded.tobytes() == square.resize((8, 8), Image.Resampling.BICUBIC).tobytes()
 
 
 def test_spec_from_json_lists_is_hashable_tuples():

@@ -6,8 +6,9 @@ classes (``lmm.standins``), data paths for the tiny shapes world, output paths f
 and the trainer for one CPU (``RecipeCLI.rewrite``, applied to the parsed config right where
 ``{variant}`` is filled in). Stages run in recipe order, so each stage's ``init_from`` is the
 file the previous stage's ``save_weights`` wrote. The stand-in towers are deepened to 14 layers:
-share/pretrain tunes the tower from block 12, so blocks 0-11 and 12 must exist to tell
-"frozen" from "trains" at the recipe's own layer index (``feature_layer: -2`` keeps 13 blocks).
+the TinyLLaVA paper's share variant tunes the tower from block 12, so blocks 0-11 and 12 must
+exist to tell "frozen" from "trains" at the recipe's own layer index (``feature_layer: -2``
+keeps 13 blocks).
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ TOWER_LAYERS = 14
 # Every hub checkpoint a recipe names -> the stand-in of the same class that replaces it.
 HUB_STANDINS = {
     "openai/clip-vit-large-patch14-336": ("tower", "clip"),  # CLIPModel
+    "lmsys/vicuna-7b-v1.3": ("llm", "llama"),  # LlamaForCausalLM (LLaVA v1)
     "google/siglip-so400m-patch14-384": ("tower", "siglip"),  # SiglipModel
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": ("llm", "llama"),  # LlamaForCausalLM
     "stabilityai/stablelm-2-zephyr-1_6b": ("llm", "stablelm"),  # StableLmForCausalLM
     "microsoft/phi-2": ("llm", "phi"),  # PhiForCausalLM
     "Qwen/Qwen2-0.5B-Instruct": ("llm", "qwen2"),  # Qwen2ForCausalLM
-    "openai/clip-vit-large-patch14": ("tower", "clip"),  # CLIPModel (MoF's CLIP)
+    "openai/clip-vit-large-patch14": ("tower", "clip"),  # CLIPModel (MoF's CLIP, LLaVA v1)
     "facebook/dinov2-large": ("tower", "dinov2"),  # Dinov2Model + BitImageProcessor
     "meta-llama/Llama-2-7b-hf": ("llm", "llama"),  # LlamaForCausalLM (Prismatic's LLaMa-2)
-    "lmsys/vicuna-7b-v1.5": ("llm", "llama"),  # LlamaForCausalLM (Prismatic's Vicuna)
+    "lmsys/vicuna-7b-v1.5": ("llm", "llama"),  # LlamaForCausalLM (Prismatic's Vicuna, LLaVA-1.5)
     # timm towers (Prismatic's DINO-SigLIP): the same timm architectures, shrunk.
     "vit_large_patch14_reg4_dinov2.lvd142m": ("timm", "timm_dinov2_reg4"),
     "vit_so400m_patch14_siglip_384": ("timm", "timm_siglip"),
@@ -62,13 +64,17 @@ STAGES = {
     "tiny/finetune.yaml": Intent(vision=True, connector=True, llm=True),
     "tinyllava/base/pretrain.yaml": Intent(vision=False, connector=True, llm=False),
     "tinyllava/base/finetune.yaml": Intent(vision=False, connector=True, llm=True),
-    "tinyllava/share/pretrain.yaml": Intent(vision=12, connector=True, llm=True),
+    "tinyllava/share/pretrain.yaml": Intent(vision=False, connector=True, llm=True),
     "tinyllava/share/finetune.yaml": Intent(vision=False, connector=True, llm=True),
     "onevision/pretrain.yaml": Intent(vision=False, connector=True, llm=False),
     "onevision/finetune.yaml": Intent(vision=True, connector=True, llm=True),
     "tiny_ov/finetune.yaml": Intent(vision=True, connector=True, llm=True),
     "prismatic/prism-dinosiglip-7b.yaml": Intent(vision=False, connector=True, llm=True),
     "prismatic/dinosiglip-384px-letterbox-7b.yaml": Intent(vision=False, connector=True, llm=True),
+    "llava/v1/pretrain.yaml": Intent(vision=False, connector=True, llm=False),
+    "llava/v1/finetune.yaml": Intent(vision=False, connector=True, llm=True),
+    "llava/v1_5/pretrain.yaml": Intent(vision=False, connector=True, llm=False),
+    "llava/v1_5/finetune.yaml": Intent(vision=False, connector=True, llm=True),
 }
 # Stage files in run order per recipe family; TinyLLaVA's run once per pair file in models/.
 CHAINS = {
@@ -80,6 +86,8 @@ CHAINS = {
     "tiny_ov": ["tiny/pretrain.yaml", "tiny/finetune.yaml", "tiny_ov/finetune.yaml"],
     # Two single-stage recipes (no init_from), run one after the other.
     "prismatic": ["prismatic/prism-dinosiglip-7b.yaml", "prismatic/dinosiglip-384px-letterbox-7b.yaml"],
+    "llava_v1": ["llava/v1/pretrain.yaml", "llava/v1/finetune.yaml"],
+    "llava_v1_5": ["llava/v1_5/pretrain.yaml", "llava/v1_5/finetune.yaml"],
 }  # fmt: skip
 PAIRS = sorted(p.name for p in (CONFIGS / "tinyllava" / "models").glob("*.yaml"))
 CASES = [
@@ -88,7 +96,13 @@ CASES = [
     ("onevision", None),
     ("tiny_ov", None),
     ("prismatic", None),
+    ("llava_v1", None),
+    ("llava_v1_5", None),
 ]
+# The TinyLLaVA paper's share pretraining (share/pretrain.yaml's header): the Factory's stage with
+# the tower tuned from block 12. Run for one pair: extra arguments per stage, and what it trains.
+PAPER_SHARE = ["--model.freeze.vision", "partial", "--model.freeze.vision_from_layer", "12",
+               "--model.optim.lr_vision", "2e-5"]  # fmt: skip
 
 
 # Add-on trainer files (strategy, precision, fault tolerance): combined with any stage.
@@ -174,13 +188,17 @@ def standins(tmp_path_factory, tiny_models) -> dict[str, str]:
         "artifacts/tiny/finetune/vision": str(tiny_models["vision"]),
         "artifacts/tiny/finetune/llm": str(tiny_models["llm"]),
     }
+    built: dict[tuple[str, str], str] = {}  # one stand-in per (what, kind), shared by hub names
     for hub, (what, kind) in HUB_STANDINS.items():
-        if what == "tower":
-            out[hub] = _deep_tower(kind, root)
+        if (what, kind) in built:
+            pass
+        elif what == "tower":
+            built[what, kind] = _deep_tower(kind, root)
         elif what == "timm":  # recipes that freeze the tower: the stand-in's 3 layers do
-            out[hub] = build_tower(kind, root / "timm").name_or_path
+            built[what, kind] = build_tower(kind, root / "timm").name_or_path
         else:
-            out[hub] = str(build_llm(kind, root / kind))
+            built[what, kind] = str(build_llm(kind, root / kind))
+        out[hub] = built[what, kind]
     return out
 
 
@@ -291,33 +309,49 @@ def _intended(model, intent: Intent) -> set[str]:
     return names
 
 
+def _run_stage(stage, pair, standins, world, tmp_path, extra=(), intent=None):
+    """Train ``stage`` (+ ``pair``, + ``extra`` arguments) one step; check what got gradients."""
+    seen: dict = {}
+    RecipeCLI.rewrite = staticmethod(make_rewrite(standins, world, tmp_path, seen))
+    args = ["--config", str(CONFIGS / stage)]
+    if pair:
+        args += ["--config", str(CONFIGS / "tinyllava" / "models" / pair)]
+    cli = RecipeCLI(args=[*args, *extra], run=False)
+    recorder = GradRecorder()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+    assert cli.trainer.global_step == 1, stage
+    if seen["global_batch_size"] is not None:
+        assert cli.trainer.accumulate_grad_batches == 2, stage  # 4 / (1 device x batch 2)
+    model = cli.model.model
+    intent = intent or STAGES[stage]
+    expected = _intended(model, intent)
+    assert recorder.with_grad == expected, (stage, sorted(recorder.with_grad ^ expected)[:5])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected, stage
+    # Gradients really flow into every trained component (not just zero tensors).
+    for comp in ("vision", "connector", "llm"):
+        if getattr(intent, comp) is not False:
+            assert any(n.startswith(comp + ".") for n in recorder.nonzero), (stage, comp)
+    # The stage's output exists for the next stage's init_from.
+    assert Path(cli.model.save_weights_path).is_file(), stage
+
+
 @pytest.mark.parametrize("family,pair", CASES, ids=[f"{f}-{p or ''}".rstrip("-") for f, p in CASES])
 def test_recipe_trains_what_each_stage_intends(family, pair, standins, tiny_world, tmp_path):
     world, _ = tiny_world
     for stage in CHAINS[family]:
-        seen: dict = {}
-        RecipeCLI.rewrite = staticmethod(make_rewrite(standins, world, tmp_path, seen))
-        args = ["--config", str(CONFIGS / stage)]
-        if pair:
-            args += ["--config", str(CONFIGS / "tinyllava" / "models" / pair)]
-        cli = RecipeCLI(args=args, run=False)
-        recorder = GradRecorder()
-        cli.trainer.callbacks.append(recorder)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        _run_stage(stage, pair, standins, world, tmp_path)
 
-        assert cli.trainer.global_step == 1, stage
-        if seen["global_batch_size"] is not None:
-            assert cli.trainer.accumulate_grad_batches == 2, stage  # 4 / (1 device x batch 2)
-        model = cli.model.model
-        expected = _intended(model, STAGES[stage])
-        assert recorder.with_grad == expected, (stage, sorted(recorder.with_grad ^ expected)[:5])
-        assert {n for n, p in model.named_parameters() if p.requires_grad} == expected, stage
-        # Gradients really flow into every trained component (not just zero tensors).
-        for comp in ("vision", "connector", "llm"):
-            if getattr(STAGES[stage], comp) is not False:
-                assert any(n.startswith(comp + ".") for n in recorder.nonzero), (stage, comp)
-        # The stage's output exists for the next stage's init_from.
-        assert Path(cli.model.save_weights_path).is_file(), stage
+
+def test_the_papers_share_variant_tunes_the_tower_from_block_12(standins, tiny_world, tmp_path):
+    world, _ = tiny_world
+    pair = "SigLIP-Phi-2.yaml"
+    _run_stage("tinyllava/base/pretrain.yaml", pair, standins, world, tmp_path)
+    paper = Intent(vision=12, connector=True, llm=True)
+    _run_stage("tinyllava/share/pretrain.yaml", pair, standins, world, tmp_path, PAPER_SHARE, paper)
+    header = (CONFIGS / "tinyllava/share/pretrain.yaml").read_text()
+    assert " ".join(PAPER_SHARE) in header
 
 
 # -- the global batch --------------------------------------------------------------------------
@@ -390,20 +424,24 @@ def _merge(into: dict, new: dict) -> None:
             into[k] = v
 
 
+# The reference scripts' numbers, written out: TinyLLaVA/TinyLLaVA_Factory@53f12c78
+# scripts/train/{pretrain,finetune}.sh and share/{pretrain,finetune}_share.sh (4 GPUs, per-device
+# batch x accumulation), MODEL_MAX_LENGTH 2048 (train_*.sh) / 3072 (share/train_phi_share.sh).
 @pytest.mark.parametrize(
-    "stage,lr,batch,freeze",
+    "stage,lr,batch,freeze,max_length",
     [
-        ("base/pretrain.yaml", {"lr_connector": 1e-3}, 256, {"vision": "frozen", "connector": "full", "llm": "frozen"}),
-        ("base/finetune.yaml", {"lr_connector": 2e-5, "lr_llm": 2e-5}, 128,
-         {"vision": "frozen", "connector": "full", "llm": "full"}),
-        ("share/pretrain.yaml", {"lr_vision": 2e-5, "lr_connector": 2e-5, "lr_llm": 2e-5}, 256,
-         {"vision": "partial", "vision_from_layer": 12, "connector": "full", "llm": "full"}),
-        ("share/finetune.yaml", {"lr_connector": 2e-5, "lr_llm": 2e-5}, 128,
-         {"vision": "frozen", "connector": "full", "llm": "full"}),
+        ("base/pretrain.yaml", {"lr_connector": 1e-3}, 4 * 32 * 2,
+         {"vision": "frozen", "connector": "full", "llm": "frozen"}, 2048),
+        ("base/finetune.yaml", {"lr_connector": 2e-5, "lr_llm": 2e-5}, 4 * 8 * 4,
+         {"vision": "frozen", "connector": "full", "llm": "full"}, 2048),
+        ("share/pretrain.yaml", {"lr_connector": 2e-5, "lr_llm": 2e-5}, 4 * 8 * 8,
+         {"vision": "frozen", "connector": "full", "llm": "full"}, 3072),
+        ("share/finetune.yaml", {"lr_connector": 2e-5, "lr_llm": 2e-5}, 4 * 8 * 4,
+         {"vision": "frozen", "connector": "full", "llm": "full"}, 3072),
     ],
 )  # fmt: skip
-def test_tinyllava_hyperparameters(stage, lr, batch, freeze):
-    """The TinyLLaVA paper's numbers, one epoch, cosine to zero after 3% warmup."""
+def test_tinyllava_hyperparameters(stage, lr, batch, freeze, max_length):
+    """The Factory scripts' numbers, one epoch, cosine to zero after 3% warmup, square images."""
     cfg = _load(f"tinyllava/{stage}")
     assert cfg["global_batch_size"] == batch and cfg["trainer"]["max_epochs"] == 1
     assert {k: cfg["model"]["optim"][k] for k in lr} == lr
@@ -412,7 +450,11 @@ def test_tinyllava_hyperparameters(stage, lr, batch, freeze):
         and cfg["model"]["optim"]["min_lr_ratio"] == 0.0
     )
     assert cfg["model"]["freeze"] == freeze
+    assert cfg["model"]["vision"] == {"image_preprocess": "square"}  # --image_aspect_ratio square
+    assert cfg["data"]["max_length"] == max_length
     assert cfg["data"]["template"] == ("plain" if "pretrain" in stage else "vicuna")
+    assert cfg["data"].get("group_by_length", False) == ("finetune" in stage)
+    assert "gradient_clip_val" not in cfg["trainer"]  # zero3.json: no gradient_clipping
     recipe = stage.split("/")[0]
     for pair in PAIRS:
         variant = _load(f"tinyllava/models/{pair}")["variant"]
@@ -420,6 +462,80 @@ def test_tinyllava_hyperparameters(stage, lr, batch, freeze):
         assert (
             f"TinyLLaVA-{recipe}-{{variant}}/" in cfg["model"]["save_weights"]
         )  # TinyLLaVA-{recipe}-{vision}-{LLM}
+
+
+def test_tinyllava_pairs_drop_the_first_token_as_the_factory():
+    """TinyLLaVA_Factory's VisionTower.forward drops token 0 for every tower ("patch"): 728
+    SigLIP tokens; CLIP's and DINOv2's first token is their CLS, which ``auto`` drops too."""
+    for pair in PAIRS:
+        vision = _load(f"tinyllava/models/{pair}")["model"]["vision"]
+        for tower in vision["fused"]["towers"] if vision["kind"] == "fused" else [vision]:
+            assert tower["feature_layer"] == -2
+            siglip = "siglip" in tower["name_or_path"]
+            assert tower["select"] == ("patch" if siglip else "auto"), pair
+
+
+# haotian-liu/LLaVA@c121f043: scripts/pretrain.sh + finetune_full_schedule.sh (LLaVA v1) and
+# scripts/v1_5/{pretrain,finetune}.sh (LLaVA-1.5); 8 GPUs x per-device batch (README).
+@pytest.mark.parametrize(
+    "stage,tower,llm,connector,lr,batch,epochs,freeze,preprocess,template,grouped",
+    [
+        ("v1/pretrain.yaml", "openai/clip-vit-large-patch14", "lmsys/vicuna-7b-v1.3", "linear",
+         {"lr_connector": 2e-3}, 8 * 16, 1, ("frozen", "full", "frozen"), "square", "plain", False),
+        ("v1/finetune.yaml", "openai/clip-vit-large-patch14", "lmsys/vicuna-7b-v1.3", "linear",
+         {"lr_connector": 2e-5, "lr_llm": 2e-5}, 8 * 16, 3, ("frozen", "full", "full"), "square", "vicuna", False),
+        ("v1_5/pretrain.yaml", "openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", "mlp2x_gelu",
+         {"lr_connector": 1e-3}, 8 * 32, 1, ("frozen", "full", "frozen"), "square", "plain", False),
+        ("v1_5/finetune.yaml", "openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", "mlp2x_gelu",
+         {"lr_connector": 2e-5, "lr_llm": 2e-5}, 8 * 16, 1, ("frozen", "full", "full"), "pad", "vicuna", True),
+    ],
+)  # fmt: skip
+def test_llava_hyperparameters(
+    stage, tower, llm, connector, lr, batch, epochs, freeze, preprocess, template, grouped
+):
+    cfg = _load(f"llava/{stage}")
+    m, d = cfg["model"], cfg["data"]
+    assert m["vision"] == {"kind": "hf", "name_or_path": tower, "feature_layer": -2, "select": "patch",
+                           "image_preprocess": preprocess}  # fmt: skip
+    assert m["llm"]["name_or_path"] == llm and m["connector"] == connector
+    assert cfg["global_batch_size"] == batch and cfg["trainer"]["max_epochs"] == epochs
+    assert {k: m["optim"][k] for k in lr} == lr and set(lr) <= set(m["optim"])
+    assert (m["optim"]["weight_decay"], m["optim"]["warmup_ratio"], m["optim"]["min_lr_ratio"]) == (
+        0,
+        0.03,
+        0,
+    )
+    assert (m["freeze"]["vision"], m["freeze"]["connector"], m["freeze"]["llm"]) == freeze
+    assert d["template"] == template and d["max_length"] == 2048
+    assert d.get("group_by_length", False) == grouped
+    assert cfg["trainer"]["precision"] == "bf16-mixed" and "gradient_clip_val" not in cfg["trainer"]
+
+
+def test_onevision_settings():
+    """LLaVA-VL/LLaVA-NeXT@df179663 scripts/train/pretrain_siglip.sh and finetune_si.sh."""
+    pre, fin = _load("onevision/pretrain.yaml"), _load("onevision/finetune.yaml")
+    assert (
+        pre["model"]["vision"]["image_preprocess"] == "square"
+        and "anyres" not in pre["model"]["vision"]
+    )
+    assert pre["model"]["optim"]["lr_connector"] == 1e-3 and pre["data"]["template"] == "plain"
+    v = fin["model"]["vision"]
+    assert v["image_preprocess"] == "resize"  # the base view: image.resize((384, 384))
+    assert v["anyres"] == {
+        "max_grid": 6,
+        "max_tiles": 9,
+        "shrink_tolerance": 1.1,
+    }  # black crops, padded multi
+    assert v["video"] == {"max_frames": 32, "pool": 2}
+    assert (fin["model"]["optim"]["lr_vision"], fin["model"]["optim"]["lr_llm"]) == (2e-6, 1e-5)
+    assert (
+        fin["data"]["image_placement"] == "llava_next" and fin["global_batch_size"] == 128 * 1 * 2
+    )
+    for cfg in (pre, fin):  # scripts/zero3.json: "gradient_clipping": "auto" -> max_grad_norm 1.0
+        assert cfg["trainer"]["gradient_clip_val"] == 1.0
+        assert (
+            cfg["model"]["vision"]["feature_layer"] == -2 and "select" not in cfg["model"]["vision"]
+        )
 
 
 @pytest.mark.parametrize("family", ["phi", "stablelm"])

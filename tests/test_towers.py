@@ -535,12 +535,32 @@ def test_image_preprocess_choice_reaches_the_transform(standins, kind):
     x = ImageTransform(tower.image_spec)(wide)
     assert x.shape == (3, s.image_size, s.image_size)
     # The letterbox rows are the tower's mean colour: ~0 after its own normalisation.
-    assert (
-        x[:, : s.image_size // 4].abs().max() <= 0.5 / 255 / min(s.std) + 1e-6
-    )  # 8-bit rounding of the mean
+    assert x[:, : s.image_size // 4].abs().max() < 1 / 255 / min(
+        s.std
+    )  # the mean truncated to 8 bits, int(mean * 255), as LLaVA pads
     assert x[:, s.image_size // 2].abs().min() > 0.5
-    with pytest.raises(ConfigError, match="resize, pad, letterbox"):
+    nearest = _tower(s, image_preprocess="letterbox", fill_rounding="nearest").image_spec
+    x = ImageTransform(nearest)(wide)
+    assert x[:, : s.image_size // 4].abs().max() <= 0.5 / 255 / min(s.std) + 1e-6  # rounded
+    with pytest.raises(ConfigError, match="square, pad, crop, resize, letterbox"):
         _tower(s, image_preprocess="squash")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_square_is_the_processor_of_transformers_towers_and_refused_elsewhere(standins, kind):
+    s = standins[kind]
+    # The stand-ins' processors: CLIPImageProcessor (shortest edge to the input size, centre
+    # crop), SiglipImageProcessor (squash), DINOv2's BitImageProcessor (shortest edge to 36 px,
+    # centre crop 32, as facebook/dinov2-*'s 256 -> 224).
+    natives = {"clip": ("crop", s.image_size), "siglip": ("resize", None)}
+    natives |= {"dinov2": ("crop", 36), "dinov2_registers": ("crop", 36)}
+    if kind in natives:
+        spec = _tower(s, image_preprocess="square").image_spec
+        assert (spec.mode, spec.crop_from) == natives[kind]
+    else:
+        with pytest.raises(ConfigError, match="image_preprocess=square"):
+            _tower(s, image_preprocess="square")
+        assert _tower(s, image_preprocess="crop").image_spec.mode == "crop"
 
 
 # -- missing weights ----------------------------------------------------------------------------

@@ -128,19 +128,22 @@ def complete_vision_state(model) -> dict[str, torch.Tensor]:
 def image_processor_for(spec):
     """A transformers image processor that prepares images as lmm's ``ImageTransform`` does.
 
-    RGB; ``pad`` (LLaVA-1.5) pads to a square with the mean colour first; then a bicubic
-    resize of the whole image to ``size x size`` (the centre crop of a square to itself is a
-    no-op), rescale to [0, 1], normalise with the tower's mean/std. Equal to lmm's transform
-    up to the resampling implementation and +-1/255 in the padding colour; ``letterbox``
-    (scale, then pad) is written as ``pad`` (pad, then scale), which differs only in how the
-    border pixels are resampled.
+    RGB; ``pad`` (LLaVA-1.5) pads to a square with ``int(mean * 255)`` first; then the resize:
+    shortest edge + centre crop for ``crop`` (and ``square`` of a CLIP-style tower), a bicubic
+    resize of the whole image to ``size x size`` otherwise; rescale to [0, 1],
+    normalise with the tower's mean/std. With transformers' PIL backend this equals lmm's
+    transform (``fill_rounding: nearest`` pads 1/255 lighter than the processor can);
+    ``letterbox`` (scale, then pad) is written as ``pad`` (pad, then scale), which differs only
+    in how the border pixels are resampled.
     """
     from transformers import LlavaImageProcessor
 
     square = {"height": spec.size, "width": spec.size}
+    mode = getattr(spec, "mode", "resize")
+    crop_from = getattr(spec, "crop_from", None) or spec.size
     return LlavaImageProcessor(
-        do_pad=getattr(spec, "preprocess", "resize") in ("pad", "letterbox"),
-        size=square,
+        do_pad=mode in ("pad", "letterbox"),
+        size={"shortest_edge": crop_from} if mode == "crop" else square,
         crop_size=square,
         do_center_crop=True,
         do_resize=True,

@@ -1,21 +1,24 @@
 """Decoding and transforming images into the tensors a vision tower takes.
 
 Every PIL mode becomes 8-bit RGB (``to_rgb``), then the tower's ``ImageSpec`` decides how a
-non-square image becomes its square input (``fit_square``: resize / pad / letterbox) and how
-pixels are normalised (``ImageTransform``).
+non-square image becomes its square input (``fit_square``: the tower's own processor, pad,
+crop, resize or letterbox) and how pixels are normalised (``ImageTransform``). ``square`` and
+``pad`` give exactly the pixels of transformers' PIL-backend CLIP / SigLIP processors (alone,
+or after LLaVA's ``expand2square``), as ``tests/test_image_parity.py`` checks.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from lmm.errors import ConfigError, SampleError
-from lmm.visual.image_spec import PREPROCESS_MODES, ImageSpec
+from lmm.visual.image_spec import ImageSpec
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
 
@@ -51,6 +54,8 @@ RGB_CONVERTIBLE_MODES = (
     "F",
 )
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# ``fit_square``'s modes: ``ImageSpec.preprocess`` with ``square`` resolved to the tower's own.
+_CONCRETE_MODES = ("pad", "crop", "resize", "letterbox")
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -146,24 +151,57 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def fit_square(
-    img: Image.Image, size: int, preprocess: str, fill: tuple[int, int, int]
-) -> Image.Image:
-    """An RGB image -> ``size x size`` RGB by ``preprocess`` (see ``ImageSpec``).
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """An RGB image centred on a ``fill`` square of side ``max(w, h)`` (the extra row/column at
+    the bottom/right): LLaVA's ``expand2square``."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
 
-    Padding is centred with the extra row/column at the bottom/right; resampling is bicubic
-    (as the CLIP/SigLIP processors do).
+
+def resize_and_centre_crop(img: Image.Image, shortest: int, size: int) -> Image.Image:
+    """The shortest edge resized to ``shortest`` (the other to ``int(shortest * long / short)``,
+    as transformers computes it), then the centre ``size x size`` (offsets rounded down)."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(shortest * long / short)
+    new_w, new_h = (shortest, new_long) if w <= h else (new_long, shortest)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if (left, top, new_w, new_h) == (0, 0, size, size):
+        return img
+    return img.crop((left, top, left + size, top + size))
+
+
+def fit_square(
+    img: Image.Image,
+    size: int,
+    preprocess: str,
+    fill: tuple[int, int, int],
+    crop_from: Optional[int] = None,
+) -> Image.Image:
+    """An RGB image -> ``size x size`` RGB by ``preprocess`` (``resize``, ``crop``, ``pad`` or
+    ``letterbox``; see ``ImageSpec``, whose ``mode`` resolves ``square``).
+
+    ``crop``: the shortest edge is resized to ``crop_from`` (None: ``size``). ``pad`` resizes
+    its square to ``size``: what CLIP's and SigLIP's processors do to a square image at their
+    own input size. Resampling is bicubic (PIL's, as transformers' PIL-backend processors).
     """
-    if preprocess not in PREPROCESS_MODES:
+    if preprocess not in _CONCRETE_MODES:
         raise ConfigError(
-            f"model.vision.image_preprocess: unknown mode {preprocess!r}; allowed: {', '.join(PREPROCESS_MODES)}"
+            f"model.vision.image_preprocess: unknown mode {preprocess!r}; allowed: {', '.join(_CONCRETE_MODES)}"
         )
     w, h = img.size
-    if preprocess == "pad" and w != h:
-        side = max(w, h)
-        canvas = Image.new("RGB", (side, side), fill)
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-        img, w, h = canvas, side, side
+    if preprocess == "crop":
+        return resize_and_centre_crop(img, crop_from or size, size)
+    if preprocess == "pad":
+        img = expand_to_square(img, fill)
+        w, h = img.size
     if preprocess == "letterbox" and (w, h) != (size, size):
         scale = size / max(w, h)
         # The longer side becomes exactly `size`; the shorter keeps the ratio (at least 1 px).
@@ -181,7 +219,7 @@ def fit_square(
 
 
 class ImageTransform:
-    """RGB conversion, fit into the tower's square input (``spec.preprocess``), normalisation.
+    """RGB conversion, fit into the tower's square input (``spec.mode``), normalisation.
 
     A spec with several views (a fused tower's ``StackedImageSpec``) gives each view's tensor,
     prepared from the original image as that view's own transform would, stacked along channels.
@@ -193,14 +231,26 @@ class ImageTransform:
         self._std = torch.tensor(spec.std).view(3, 1, 1)
         views = spec.views
         self._others = [ImageTransform(v) for v in views[1:]] if len(views) > 1 else []
+        self._variants: dict[str, ImageTransform] = {}
+
+    def variant(self, preprocess: str) -> "ImageTransform":
+        """The transform of the same tower with another ``preprocess`` (e.g. OneVision's padded
+        multi-image views next to squashed base views); ``self`` when it is the same."""
+        if preprocess == self.spec.preprocess:
+            return self
+        if preprocess not in self._variants:
+            self._variants[preprocess] = ImageTransform(self.spec.with_preprocess(preprocess))
+        return self._variants[preprocess]
 
     def prepare(self, img: Image.Image) -> Image.Image:
         """Any PIL image -> the ``size x size`` RGB image the tower sees (before normalisation)."""
+        spec = self.spec
         return fit_square(
-            to_rgb(img, background=self.spec.fill),
-            self.spec.size,
-            self.spec.preprocess,
-            self.spec.fill,
+            to_rgb(img, background=spec.fill),
+            spec.size,
+            spec.mode,
+            spec.fill,
+            crop_from=spec.crop_from if spec.mode == "crop" else None,
         )
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

@@ -2,7 +2,8 @@
 when the model sets ``model.vision.anyres`` or ``model.vision.video``.
 
 - A sample with one image: ``single`` (AnyRes: the base view, then the crops row-major).
-- A sample with several images: each ``multi``, one base view each.
+- A sample with several images: each ``multi``, one view each (with AnyRes, prepared by
+  ``anyres.multi_image_preprocess``: OneVision pads them to a square).
 - A sample whose json says ``"modality": "video"``: its images are the frames of one clip
   (member-name order) behind a single ``<image>``; more than ``max_frames`` are sampled
   uniformly.
@@ -71,6 +72,9 @@ def anyres_crops(
     ]
 
 
+BLACK = (0, 0, 0)
+
+
 def tiles(
     v: Visual,
     images: list[Image.Image],
@@ -81,10 +85,14 @@ def tiles(
     """``[layout.tiles(v), 3, S, S]``: the tower inputs of one placeholder."""
     if blank:
         return torch.stack([transform.blank() for _ in range(layout.tiles(v))])
+    anyres = layout.anyres
+    if v.kind == "multi" and anyres is not None and anyres.multi_image_preprocess is not None:
+        transform = transform.variant(anyres.multi_image_preprocess)
     views = [transform(img) for img in images]  # base views (a video's frames)
-    if v.kind == "single" and layout.anyres is not None:
+    if v.kind == "single" and anyres is not None:
         spec = transform.spec
-        grid = anyres_map(v.width, v.height, layout.unit, layout.tile, layout.anyres).grid
-        crops = anyres_crops(to_rgb(images[0], background=spec.fill), grid, layout.tile, spec.fill)
+        grid = anyres_map(v.width, v.height, layout.unit, layout.tile, anyres).grid
+        fill = BLACK if anyres.crop_fill == "black" else spec.fill
+        crops = anyres_crops(to_rgb(images[0], background=spec.fill), grid, layout.tile, fill)
         views += [transform.normalise(c) for c in crops]
     return torch.stack(views)

@@ -84,6 +84,7 @@ class LMM(nn.Module):
             self.vision.image_spec.size,
             self.connector.num_output_tokens,
             as_connector_config(connector).name,
+            learned_queries=getattr(self.connector, "learned_queries", False),
         )
         if self.image_layout is not None:
             # LLaVA-NeXT's learned row/clip end. On the connector, so the connector's freeze policy,

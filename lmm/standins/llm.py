@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import torch
 
+from lmm.errors import ConfigError
+
 # Which kind of BPE a family's tokenizer is.
 TokenizerKind = Literal["sentencepiece", "gpt2", "qwen2"]
 
@@ -111,6 +113,9 @@ FAMILIES: dict[str, LLMFamily] = {
         examples=(
             "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
             "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+            "lmsys/vicuna-7b-v1.5",  # LLaVA-1.5
+            "lmsys/vicuna-13b-v1.5",
+            "lmsys/vicuna-7b-v1.3",  # LLaVA (v1)
         ),
         model_class="LlamaForCausalLM",
         tokenizer_class="LlamaTokenizer",
@@ -211,6 +216,17 @@ FAMILIES: dict[str, LLMFamily] = {
         config=dict(_SIZES, intermediate_size=128, num_key_value_heads=1, head_dim=16),
     ),
 }
+
+
+def family_of(name_or_path: str) -> str:
+    """The family whose ``examples`` list this hub name (exact match), e.g. for picking the
+    stand-in of a recipe's LLM."""
+    for family in FAMILIES.values():
+        if name_or_path in family.examples:
+            return family.name
+    known = ", ".join(e for f in FAMILIES.values() for e in f.examples)
+    raise ConfigError(f"no stand-in family lists {name_or_path!r}; known: {known}")
+
 
 # A small English corpus: the conversation templates' own words, everyday sentences and the
 # shapes world's vocabulary, so that multi-turn conversations tokenize into real words.

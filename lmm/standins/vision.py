@@ -31,6 +31,13 @@ through the same code a hub name takes. Nothing is downloaded.
 
 The ViTs are width 32, 3 layers, 2 heads (a few hundred KB on disk).
 
+``build_hub_tower(name, out_dir)`` writes a stand-in of a hub tower the recipes name
+(``HUB_TOWERS``: CLIP ViT-L/14 at 224 and 336 px, SigLIP so400m/14 at 384 px, DINOv2-L/14 at
+its processor's 224 px) at its real geometry (input size, patch size: 256 / 576 / 729 / 256
+patch tokens) with the hub repository's own
+``preprocessor_config.json``, but a tiny width: token counts and image preprocessing are the
+real model's, weights are random.
+
 Token counts are for ``select: auto`` and the default ``feature_layer`` (the ViTs' CLS /
 prefix tokens dropped, SigLIP's 16 patches all kept; the CNN's final 2x2 map).
 
@@ -298,6 +305,116 @@ def _timm_shrunk(out: Path, arch: str) -> TowerStandIn:
         _LAYERS - 1,
         tuple(data["mean"]),
         tuple(data["std"]),
+    )
+
+
+# The hub towers the recipes name: (stand-in kind, input size, patch size, the repository's
+# preprocessor_config.json as published, written out).
+_CLIP_PREPROCESSOR = {
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": list(OPENAI_MEAN),
+    "image_std": list(OPENAI_STD),
+    "resample": 3,
+}
+HUB_TOWERS: dict[str, tuple[str, int, int, dict[str, Any]]] = {
+    "openai/clip-vit-large-patch14": (
+        "clip",
+        224,
+        14,
+        {**_CLIP_PREPROCESSOR, "crop_size": 224, "size": 224},
+    ),
+    "openai/clip-vit-large-patch14-336": (
+        "clip",
+        336,
+        14,
+        {**_CLIP_PREPROCESSOR, "crop_size": 336, "size": 336},
+    ),
+    "google/siglip-so400m-patch14-384": (
+        "siglip",
+        384,
+        14,
+        {
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_processor_type": "SiglipImageProcessor",
+            "image_std": [0.5, 0.5, 0.5],
+            "processor_class": "SiglipProcessor",
+            "resample": 3,
+            "rescale_factor": 0.00392156862745098,
+            "size": {"height": 384, "width": 384},
+        },
+    ),
+    # DINOv2's config says 518 px; its processor (256 -> centre 224) decides the input size.
+    "facebook/dinov2-large": (
+        "dinov2",
+        518,
+        14,
+        {
+            "crop_size": {"height": 224, "width": 224},
+            "do_center_crop": True,
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_processor_type": "BitImageProcessor",
+            "image_std": [0.229, 0.224, 0.225],
+            "resample": 3,
+            "rescale_factor": 0.00392156862745098,
+            "size": {"shortest_edge": 256},
+        },
+    ),
+}
+
+
+def build_hub_tower(
+    name: str, out_dir: str | Path, layers: int = _LAYERS, seed: int = 0
+) -> TowerStandIn:
+    """Write a stand-in of hub tower ``name`` (a ``HUB_TOWERS`` key) to ``out_dir/<repo name>/``:
+    the real class, input size, patch size and ``preprocessor_config.json``, width 32 and
+    ``layers`` layers, random weights."""
+    if name not in HUB_TOWERS:
+        raise ConfigError(f"no hub-geometry stand-in for {name!r}; known: {', '.join(HUB_TOWERS)}")
+    kind, image_size, patch_size, preprocessor = HUB_TOWERS[name]
+    out = Path(out_dir) / name.rpartition("/")[2]
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tower = STANDIN_TOWERS[kind](out)
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.from_pretrained(out)
+    # CLIP / SigLIP repos hold text and vision towers; DINOv2's is a vision model alone.
+    getattr(cfg, "vision_config", cfg).update(
+        {"image_size": image_size, "patch_size": patch_size, "num_hidden_layers": layers}
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        AutoModel.from_config(cfg).save_pretrained(out)
+    for stale in out.glob("*processor*.json"):  # the class-default configs save_pretrained wrote
+        stale.unlink()
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    crop = preprocessor.get("crop_size", {}) if kind == "dinov2" else {}
+    size = crop.get("height", image_size)
+    grid = (size // patch_size) ** 2
+    return TowerStandIn(
+        tower.kind,
+        str(out),
+        grid,
+        tower.hidden_size,
+        size,
+        layers,
+        layers - 1,
+        tower.mean,
+        tower.std,
     )
 
 

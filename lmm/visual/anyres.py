@@ -6,8 +6,8 @@ input size) plus a grid of ``rows x cols`` crops of that size:
 1. the grid is the candidate whose canvas (``cols*tile x rows*tile`` px) keeps the most of the
    image's resolution (the image scaled to fit the canvas, its area capped at the original
    area), ties broken by the least wasted canvas area, then by candidate order;
-2. the image is resized into the canvas keeping its aspect ratio and centred on padding, then
-   cut into crops, row-major;
+2. the image is resized into the canvas keeping its aspect ratio and centred on padding
+   (black, as LLaVA-NeXT and transformers pad it), then cut into crops, row-major;
 3. the crops' feature grids (``unit x unit`` each) are stitched into one
    ``rows*unit x cols*unit`` map, and the rows/columns that only saw padding are removed;
 4. OneVision's budget (``anyres_max_N``): a map of more than ``max_tiles`` crops' worth of
@@ -15,19 +15,24 @@ input size) plus a grid of ``rows x cols`` crops of that size:
 5. a learned newline embedding ends every row. The LM reads the base view's tokens first,
    then the map row by row.
 
-Everything here is integer geometry without torch: the data side calls it to expand
-``<image>`` and the model to arrange features, so both agree by construction. Rounding
-follows LLaVA-NeXT / transformers (e.g. the unpadded map keeps ``current - 2*padding`` rows).
+Everything here is geometry without torch: the data side calls it to expand ``<image>`` and
+the model to arrange features, so both agree by construction. The grid choice and the resized
+size are computed in Python floats exactly as LLaVA-NeXT's ``select_best_resolution`` /
+``resize_and_pad_image`` and transformers' ``select_best_resolution`` /
+``get_patch_output_size`` do: a product such as ``2725 * (2016 / 2725)`` can land just below an
+integer and truncate, and the references' crops depend on it (2725x1817 at 336 px: a 4x6 grid,
+where exact fractions would pick 5x6). The unpadding is exact integer arithmetic, equal to
+transformers' ``round(x, 7)`` (the unpadded map keeps ``current - 2*padding`` rows).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 from lmm.errors import ConfigError
+from lmm.visual.image_spec import PREPROCESS_MODES
 
 Grid = tuple[int, int]  # (rows, cols)
 
@@ -46,12 +51,22 @@ class AnyResConfig:
             per side. None: never shrink (LLaVA-NeXT).
         shrink_tolerance: Shrink only when that factor exceeds this value (OneVision: 1.1),
             so a map just over the budget keeps its resolution.
+        crop_fill: The canvas around the resized image before it is cut into crops: ``black``
+            (LLaVA-NeXT's ``resize_and_pad_image``, transformers' ``LlavaOnevisionImageProcessor``)
+            or ``mean`` (the tower's mean colour, ``model.vision.fill_rounding``: the padding
+            normalises to about zero, "no content").
+        multi_image_preprocess: How each image of a several-image sample becomes its one view
+            (``model.vision.image_preprocess`` modes): ``pad`` (OneVision's training pads them
+            to a square, ``expand2square``, as transformers' processor does). None: as the
+            single images' base view (``model.vision.image_preprocess``).
     """
 
     max_grid: int = 6
     grids: Optional[list[tuple[int, int]]] = None
     max_tiles: Optional[int] = 9
     shrink_tolerance: float = 1.1
+    crop_fill: Literal["black", "mean"] = "black"
+    multi_image_preprocess: Optional[str] = "pad"
 
     def __post_init__(self) -> None:
         if self.grids is not None:
@@ -73,6 +88,18 @@ class AnyResConfig:
             raise ConfigError(
                 f"model.vision.anyres.shrink_tolerance must be >= 1, got {self.shrink_tolerance}"
             )
+        if self.crop_fill not in ("black", "mean"):
+            raise ConfigError(
+                f"model.vision.anyres.crop_fill: unknown value {self.crop_fill!r}; allowed: black, mean"
+            )
+        if (
+            self.multi_image_preprocess is not None
+            and self.multi_image_preprocess not in PREPROCESS_MODES
+        ):
+            raise ConfigError(
+                f"model.vision.anyres.multi_image_preprocess: unknown mode {self.multi_image_preprocess!r}; "
+                f"allowed: {', '.join(PREPROCESS_MODES)} or null"
+            )
 
     def candidates(self) -> list[Grid]:
         """Candidate grids in the order ties are broken."""
@@ -87,13 +114,14 @@ def _check_size(width: int, height: int) -> None:
 
 
 def select_grid(width: int, height: int, candidates: list[Grid], tile: int) -> Grid:
-    """The candidate grid that keeps the most of a ``width x height`` image's resolution."""
+    """The candidate grid that keeps the most of a ``width x height`` image's resolution
+    (in floats, truncating, as the references: see the module docstring)."""
     _check_size(width, height)
     best, best_effective, best_waste = None, -1, 0
     for rows, cols in candidates:
         canvas_w, canvas_h = cols * tile, rows * tile
-        scale = min(Fraction(canvas_w, width), Fraction(canvas_h, height))  # exact: no float ties
-        effective = min(math.floor(width * scale) * math.floor(height * scale), width * height)
+        scale = min(canvas_w / width, canvas_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
         waste = canvas_w * canvas_h - effective
         if effective > best_effective or (effective == best_effective and waste < best_waste):
             best, best_effective, best_waste = (rows, cols), effective, waste
@@ -106,12 +134,14 @@ def fit_in_canvas(
     width: int, height: int, canvas_w: int, canvas_h: int
 ) -> tuple[int, int, int, int]:
     """``(new_w, new_h, left, top)``: the image resized into the canvas keeping its aspect
-    ratio (the fitting side fills the canvas, the other is rounded up), pasted centred."""
+    ratio (the fitting side fills the canvas, the other is the float product rounded up, as
+    the references), pasted centred (the extra row/column at the bottom/right)."""
     _check_size(width, height)
-    if canvas_w * height < canvas_h * width:  # width limits: scale = canvas_w / width
-        new_w, new_h = canvas_w, min(-(-height * canvas_w // width), canvas_h)
+    scale_w, scale_h = canvas_w / width, canvas_h / height
+    if scale_w < scale_h:
+        new_w, new_h = canvas_w, min(math.ceil(height * scale_w), canvas_h)
     else:
-        new_w, new_h = min(-(-width * canvas_h // height), canvas_w), canvas_h
+        new_w, new_h = min(math.ceil(width * scale_h), canvas_w), canvas_h
     return new_w, new_h, (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
 
 

@@ -102,16 +102,18 @@ def build_layout(
     tile: int,
     connector_tokens: int,
     connector_name: str,
+    learned_queries: bool = False,
 ) -> Optional[VisualLayout]:
-    """The layout for these settings, or None when neither is set (every image: a fixed count)."""
+    """The layout for these settings, or None when neither is set (every image: a fixed count).
+    ``learned_queries``: the connector's tokens are query outputs (resamplers), not a grid."""
     if anyres is None and video is None:
         return None
     unit = math.isqrt(connector_tokens)
-    if connector_name == "resampler" or unit * unit != connector_tokens:
+    if learned_queries or unit * unit != connector_tokens:
         raise ConfigError(
             f"model.vision.anyres / model.vision.video need a connector whose tokens form a square patch grid "
             f"(to stitch crops and pool frames); connector {connector_name!r} gives {connector_tokens} tokens"
-            + (" from learned queries with no 2-D layout" if connector_name == "resampler" else "")
+            + (" from learned queries with no 2-D layout" if learned_queries else "")
         )
     return VisualLayout(tile=tile, unit=unit, anyres=anyres, video=video)
 

@@ -22,6 +22,7 @@ from lmm.model.connectors.mof_mlp import MoFMLP
 from lmm.model.connectors.pixel_shuffle import PixelShuffleMLP
 from lmm.model.connectors.qformer import QFormer
 from lmm.model.connectors.resampler import Resampler
+from lmm.model.connectors.tinyllava_resampler import TinyLLaVAResampler
 from lmm.registry import Registry
 
 
@@ -31,13 +32,16 @@ class ConnectorConfig:
 
     Args:
         name: Registry name: ``identity``, ``linear``, ``mlp{2,3,4}x_gelu``, ``pool2x2_mlp2x_gelu``,
-            ``resampler``, ``pixel_shuffle``, ``fused_gelu_mlp`` (Prismatic's projector for fused
-            towers), ``mof_mlp`` (an MLP per tower of an interleaving fused tower) or
-            ``qformer`` (BLIP-2's Q-Former).
-        num_queries: ``resampler``, ``qformer``: learned queries, i.e. image tokens the LM sees.
-        depth: ``resampler``: cross-attention blocks.
+            ``resampler``, ``tinyllava_resampler``, ``pixel_shuffle``, ``fused_gelu_mlp``
+            (Prismatic's projector for fused towers), ``mof_mlp`` (an MLP per tower of an
+            interleaving fused tower) or ``qformer`` (BLIP-2's Q-Former).
+        num_queries: ``resampler``, ``tinyllava_resampler``, ``qformer``: learned queries, i.e.
+            image tokens the LM sees (None: the connector's default, 64 / 128 / 64).
+        depth: ``resampler`` / ``tinyllava_resampler``: attention blocks (None: 2 / 3).
         heads: ``resampler``: attention heads (must divide the vision tower's width);
-            ``qformer``: attention heads (must divide ``hidden_size``; BLIP-2: 12).
+            ``tinyllava_resampler``: attention heads (TinyLLaVA: 8); ``qformer``: attention
+            heads (must divide ``hidden_size``; BLIP-2: 12).
+        head_dim: ``tinyllava_resampler``: width of each head (TinyLLaVA: 64).
         factor: ``pixel_shuffle``: r; each r x r block of patch tokens becomes one token
             (r*r times fewer tokens; r must divide the side of the token grid).
         mlp_depth: ``pixel_shuffle``: linear layers of the GELU MLP after the shuffle;
@@ -53,9 +57,10 @@ class ConnectorConfig:
     """
 
     name: str = "mlp2x_gelu"
-    num_queries: int = 64
-    depth: int = 2
+    num_queries: Optional[int] = None
+    depth: Optional[int] = None
     heads: int = 8
+    head_dim: int = 64
     factor: int = 2
     mlp_depth: int = 2
     num_layers: int = 12
@@ -77,11 +82,13 @@ class ConnectorEntry:
     """A registry entry: the factory and the :class:`ConnectorConfig` options it reads.
 
     ``per_tower``: the factory also takes ``token_groups``, the tower's count of interleaved
-    towers (``VisionTower.token_groups``), and gives each its own weights."""
+    towers (``VisionTower.token_groups``), and gives each its own weights. ``linear_output``:
+    the module ends in a linear layer to the LM width (what ``output_init_std`` re-initialises)."""
 
     factory: Callable[..., nn.Module]
     options: tuple[str, ...] = ()
     per_tower: bool = False
+    linear_output: bool = True
 
 
 CONNECTORS: Registry[ConnectorEntry] = Registry("connector")
@@ -91,6 +98,13 @@ for _depth in (2, 3, 4):
     CONNECTORS.add(f"mlp{_depth}x_gelu", ConnectorEntry(partial(MLP, depth=_depth)))
 CONNECTORS.add("pool2x2_mlp2x_gelu", ConnectorEntry(partial(PoolMLP, pool=2, depth=2)))
 CONNECTORS.add("resampler", ConnectorEntry(Resampler, ("num_queries", "depth", "heads")))
+# TinyLLaVA_Factory's resampler: it ends in a LayerNorm, so output_init_std has nothing to set.
+CONNECTORS.add(
+    "tinyllava_resampler",
+    ConnectorEntry(
+        TinyLLaVAResampler, ("num_queries", "depth", "heads", "head_dim"), linear_output=False
+    ),
+)
 CONNECTORS.add("pixel_shuffle", ConnectorEntry(PixelShuffleMLP, ("factor", "mlp_depth")))
 CONNECTORS.add("fused_gelu_mlp", ConnectorEntry(FusedMLP))
 CONNECTORS.add("mof_mlp", ConnectorEntry(MoFMLP, ("mlp_depth",), per_tower=True))
@@ -146,7 +160,7 @@ def build_connector(
     module = entry.factory(vision_dim, text_dim, num_tokens, **kwargs)
     if cfg.output_init_std is not None:
         linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-        if not linears or linears[-1].out_features != text_dim:
+        if not entry.linear_output or not linears or linears[-1].out_features != text_dim:
             raise ConfigError(
                 f"model.connector.output_init_std: connector {cfg.name!r} has no linear output layer"
             )

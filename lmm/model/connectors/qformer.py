@@ -23,12 +23,14 @@ class QFormer(nn.Module):
     """``num_queries`` learned queries, a ``num_layers``-layer Q-Former of width ``hidden_size``
     with ``heads`` heads, and ``Linear(hidden_size, text_dim)``."""
 
+    learned_queries = True  # no 2-D token grid: AnyRes / video cannot stitch or pool its output
+
     def __init__(
         self,
         vision_dim: int,
         text_dim: int,
         num_tokens: int,
-        num_queries: int = 64,
+        num_queries: int | None = None,
         num_layers: int = 12,
         cross_attention_frequency: int = 2,
         hidden_size: int = 768,
@@ -36,6 +38,8 @@ class QFormer(nn.Module):
     ) -> None:
         super().__init__()
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        num_queries = 64 if num_queries is None else num_queries
 
         for name, value in (
             ("num_queries", num_queries),

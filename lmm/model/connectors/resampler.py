@@ -1,6 +1,7 @@
 """Perceiver resampler: a fixed number of learned queries read the tower's tokens by
 cross-attention, so the LM sees ``num_queries`` image tokens whatever the tower's grid
-(Flamingo / Qwen-VL / TinyLLaVA's ``resampler``)."""
+(Flamingo / Qwen-VL style, at the tower's width; TinyLLaVA's own variant, at the LM width, is
+``tinyllava_resampler``)."""
 
 from __future__ import annotations
 
@@ -30,23 +31,27 @@ class ResamplerBlock(nn.Module):
 
 
 class Resampler(nn.Module):
-    """``num_queries`` learned queries, ``depth`` cross-attention blocks at the tower's width
-    with ``heads`` heads, a final norm and a linear projection to the LM width.
+    """``num_queries`` learned queries (None: 64), ``depth`` cross-attention blocks (None: 2) at
+    the tower's width with ``heads`` heads, a final norm and a linear projection to the LM width.
 
     The vision tokens carry the tower's position embeddings already, so no positions are
     added here; the output does not depend on the order of the input tokens.
     """
+
+    learned_queries = True  # no 2-D token grid: AnyRes / video cannot stitch or pool its output
 
     def __init__(
         self,
         vision_dim: int,
         text_dim: int,
         num_tokens: int,
-        num_queries: int = 64,
-        depth: int = 2,
+        num_queries: int | None = None,
+        depth: int | None = None,
         heads: int = 8,
     ) -> None:
         super().__init__()
+        num_queries = 64 if num_queries is None else num_queries
+        depth = 2 if depth is None else depth
         if num_queries < 1 or depth < 1:
             raise ConfigError(
                 f"model.connector: resampler needs num_queries >= 1 and depth >= 1, got {num_queries}, {depth}"

@@ -28,7 +28,7 @@ from torch import nn
 from lmm.errors import ConfigError, MissingWeightsError
 from lmm.model.towers.fused_config import FusedConfig
 from lmm.visual.anyres import AnyResConfig
-from lmm.visual.image_spec import ImageSpec, Preprocess
+from lmm.visual.image_spec import FillRounding, ImageSpec, Preprocess
 from lmm.visual.video import VideoConfig
 
 T = TypeVar("T")
@@ -58,10 +58,18 @@ class VisionConfig:
             and open_clip's CLS, DINOv2's CLS and registers and timm's prefix/register tokens,
             keeps every SigLIP patch: SigLIP has no CLS); ``patch`` always drops the first token (LLaVA's ``patch``; on
             SigLIP this loses a real patch); ``full`` keeps every token.
-        image_preprocess: How a non-square image becomes the tower's square input: ``pad``
-            (pad to a square with the mean colour, then resize; LLaVA-1.5), ``letterbox``
+        image_preprocess: How a non-square image becomes the tower's square input:
+            ``square`` (exactly the tower's own image processor: SigLIP squashes, CLIP resizes
+            the shortest edge and centre-crops; LLaVA's and TinyLLaVA's ``square``), ``pad``
+            (pad to a square with the mean colour, then resize; LLaVA-1.5's finetuning),
+            ``crop`` (shortest edge, centre crop, for any tower), ``letterbox``
             (scale to fit keeping the aspect ratio, pad with the mean colour) or ``resize``
-            (squash). With ``anyres`` it shapes the base view; the crops keep the aspect ratio.
+            (squash). With ``anyres`` it shapes the base views and video frames; the crops
+            keep the aspect ratio.
+        fill_rounding: The mean colour of padding (and of transparent pixels) in 8 bits:
+            ``floor`` = ``int(mean * 255)`` as LLaVA / TinyLLaVA / LLaVA-NeXT / Prismatic (CLIP
+            (122, 116, 104), SigLIP (127, 127, 127)); ``nearest`` rounds (CLIP (123, 117, 104),
+            SigLIP 128: normalises closer to zero; lmm's choice before the reference recipes).
         image_size: Side of the square input in pixels. None: the tower's own (``hf``: the
             config's ``image_size``, for DINOv2 its processor's crop size, 224 for
             ``facebook/dinov2-*`` whose config says 518; ``timm``: the pretrained input size).
@@ -85,6 +93,7 @@ class VisionConfig:
     feature_layer: Optional[int] = None
     select: Literal["auto", "patch", "full"] = "auto"
     image_preprocess: Preprocess = "pad"
+    fill_rounding: FillRounding = "floor"
     image_size: Optional[int] = None
     anyres: Optional[AnyResConfig] = None
     video: Optional[VideoConfig] = None

@@ -90,6 +90,7 @@ class FusedTower(VisionTower):
                     select=sub.select,
                     image_size=sub.image_size,
                     image_preprocess=cfg.image_preprocess,
+                    fill_rounding=cfg.fill_rounding,
                 )
                 towers.append(kinds.get(sub.kind, option="model.vision.kind")(sub_cfg, dtype=dtype))
         self.towers = nn.ModuleList(towers)

@@ -141,7 +141,11 @@ class HFVisionTower(VisionTower):
         self.num_tokens = grid * grid + prefix - self._skip
         self.hidden_size = config.hidden_size
         self.image_spec = ImageSpec.from_pretrained(
-            cfg.name_or_path, config.model_type, size, preprocess=cfg.image_preprocess
+            cfg.name_or_path,
+            config.model_type,
+            size,
+            preprocess=cfg.image_preprocess,
+            fill_rounding=cfg.fill_rounding,
         )
 
     def blocks(self) -> nn.ModuleList:

@@ -93,6 +93,10 @@ class OpenCLIPTower(VisionTower):
             mean=preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN),
             std=preprocess.get("std", open_clip.OPENAI_DATASET_STD),
             preprocess=cfg.image_preprocess,
+            # open_clip's transform (torchvision Resize + CenterCrop, rounded offsets) is not
+            # reproduced, so `square` is refused rather than approximated.
+            native=None,
+            fill_rounding=cfg.fill_rounding,
         )
 
     def blocks(self) -> nn.ModuleList:

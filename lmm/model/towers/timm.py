@@ -110,8 +110,15 @@ class TimmTower(VisionTower):
                 probe = torch.zeros(1, 3, height, width, dtype=dtype)
                 self.num_tokens = int(self.eval()(probe).shape[1])
             self.train(was_training)
+        # native=None: timm's eval transform (torchvision resize + CenterCrop with rounded
+        # offsets, crop_pct) is not reproduced, so `square` is refused rather than approximated.
         self.image_spec = ImageSpec(
-            size=height, mean=data["mean"], std=data["std"], preprocess=cfg.image_preprocess
+            size=height,
+            mean=data["mean"],
+            std=data["std"],
+            preprocess=cfg.image_preprocess,
+            native=None,
+            fill_rounding=cfg.fill_rounding,
         )
 
     @staticmethod

@@ -13,8 +13,9 @@ import torch
 from conftest import TINY_SPEC
 from PIL import Image
 
+from lmm.checkpoints.chat_template import chat_template_for
 from lmm.checkpoints.directory import load_checkpoint_dir, save_checkpoint_dir
-from lmm.checkpoints.hf_export import chat_template_for, export_llava
+from lmm.checkpoints.hf_export import export_llava
 from lmm.commands.export import main as export_main
 from lmm.data.templates import Turn, get_template
 from lmm.errors import CheckpointError, ExportError
@@ -93,7 +94,16 @@ def test_checkpoint_dir_round_trip(tiny_models, tmp_path):
         info["model"]["vision"]["name_or_path"] == "vision"
         and info["model"]["vision"]["feature_layer"] == -1
     )
-    assert info["data"] == {"template": "vicuna", "system_prompt": "A chat.", "max_length": 128}
+    assert info["data"] == {
+        "template": "vicuna",
+        "system_prompt": "A chat.",
+        "max_length": 128,
+        # Prompt conventions (lmm.data.prompts): what this model was trained and is asked with.
+        "image_placement": "as_written",
+        "tokenization": "single_pass",
+        "image_position": "before",
+        "answer_suffixes": {},
+    }
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
         "llm",
         "lmm.json",
@@ -266,26 +276,44 @@ def test_chat_template_text_is_exactly_the_family_format(tokenizer, name):
     )
 
 
-def test_tokenizer_template_exports_the_tokenizers_own_chat_template(tmp_path):
+@pytest.mark.parametrize("family", ["gemma", "qwen2"])
+def test_tokenizer_template_exports_the_tokenizers_own_chat_template(tmp_path, family):
+    """The family's own chat template, made to take the standard message form: content as a
+    list of image/text parts (the original treats content as a string: Qwen2's raises
+    ``TypeError: can only concatenate str (not "list") to str``)."""
     from lmm.model.language import LanguageConfig, load_tokenizer
     from lmm.standins.llm import build_llm
 
-    tok = load_tokenizer(LanguageConfig(name_or_path=str(build_llm("gemma", tmp_path / "gemma"))))
+    tok = load_tokenizer(LanguageConfig(name_or_path=str(build_llm(family, tmp_path / family))))
     own = tok.chat_template
-    assert own and "<start_of_turn>" in own
+    assert own
     template = get_template("tokenizer")
-    assert chat_template_for(template, tok) == own
-    assert chat_template_for(template.bind(tok), tok) == own
-    # What the export writes renders like lmm's bound template (bos aside: the tokenizer adds it).
+    exported = chat_template_for(template, tok)
+    assert exported == chat_template_for(template.bind(tok), tok) and exported.endswith(own)
     turns = [
         Turn("user", "<image>\nWhat is it?"),
         Turn("assistant", "A red circle."),
         Turn("user", "Where?"),
     ]
-    messages = [{"role": t.role, "content": t.text} for t in turns]
+    strings = [{"role": t.role, "content": t.text} for t in turns]
+    parts = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+        {"role": "user", "content": "Where?"},
+    ]
+    rendered_own = tok.apply_chat_template(strings, tokenize=False, add_generation_prompt=True)
+    try:  # ChatML concatenates and raises; Gemma's `| trim` writes the list's repr
+        broken = tok.apply_chat_template(parts, tokenize=False, add_generation_prompt=True)
+    except TypeError as err:
+        broken = str(err)
+    assert broken != rendered_own
+    tok.chat_template = exported
+    for messages in (strings, parts):
+        rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert rendered == rendered_own
+    # ... which is what lmm's bound template renders (bos aside: the tokenizer adds it).
     expected, _ = template.bind(tok).render(turns, tok.eos_token, add_generation_prompt=True)
-    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered.removeprefix(tok.bos_token) == expected
+    assert rendered_own.removeprefix(tok.bos_token or "") == expected
     tok.chat_template = None
     with pytest.raises(ExportError, match="the tokenizer has no chat template"):
         chat_template_for(template, tok)

@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default=None, help="subset to score (pope, scienceqa_img), as in lmm score"
     )
     scoring.add_argument(
+        "--answer-suffix",
+        default=None,
+        metavar="BENCHMARK|none",
+        help="append this benchmark's answer instruction, as the checkpoint records the reference's "
+        "(e.g. LLaVA-1.5's '\\nAnswer the question using a single word or phrase.' for pope), to every "
+        "question that does not end with it already; default: --benchmark's; 'none': ask as written",
+    )
+    scoring.add_argument(
         "--tensorboard",
         default=None,
         metavar="DIR",
@@ -155,6 +163,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         rank,
         world,
         progress=sys.stderr.isatty(),
+        answer_suffix=None
+        if args.answer_suffix == "none"
+        else args.answer_suffix or args.benchmark,
     )
     records = gather_in_order(records)
     status = 0

@@ -15,6 +15,7 @@ from lmm.data.encode import Processor, SampleEncoder
 from lmm.data.image import DEFAULT_MAX_IMAGE_PIXELS
 from lmm.data.mixing import MixIndex, ShardSet, as_shard_sets, describe_mix
 from lmm.data.packing import pack
+from lmm.data.prompts import PromptConventions
 from lmm.data.quality import BadSampleMonitor
 from lmm.data.shards import (
     PlannedStream,
@@ -71,6 +72,11 @@ class LMMDataModule(L.LightningDataModule):
             renders it: ``as_written`` (where the sample puts them).
         tokenization: How the rendered text becomes token ids: ``single_pass`` (the whole
             text at once).
+        image_position: Where the images of a bare question go when a prompt is built outside
+            the shards (``predict``, ``chat``, the lmms-eval adapter read it from the checkpoint
+            directory this run writes): ``before`` (LLaVA's ``<image>\nquestion``) or ``after``
+            (``question\n<image>``). Set it to where the training data put the image; the
+            shards' own samples are encoded as they are written.
         max_length: Token budget per sample after ``<image>`` expansion.
         batch_size: Training samples per batch and device.
         eval_batch_size: Prompts per generation batch.
@@ -114,6 +120,7 @@ class LMMDataModule(L.LightningDataModule):
         system_prompt: Optional[str] = None,
         image_placement: str = "as_written",
         tokenization: str = "single_pass",
+        image_position: str = "before",
         max_length: int = 512,
         batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -140,6 +147,8 @@ class LMMDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.image_placement = image_placement
         self.tokenization = tokenization
+        self.image_position = image_position
+        self.prompt_conventions()  # validates image_position now, not when the run ends
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -177,6 +186,10 @@ class LMMDataModule(L.LightningDataModule):
         self._pending: Optional[dict] = None  # a loaded position not yet applied
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def prompt_conventions(self) -> PromptConventions:
+        """What a checkpoint directory written from this run records about its prompts."""
+        return PromptConventions(self.image_placement, self.tokenization, self.image_position)
 
     def _encoder(self) -> SampleEncoder:
         if self.processor is None:

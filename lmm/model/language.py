@@ -41,10 +41,13 @@ def load_tokenizer(cfg: LanguageConfig):
     tok = load_pretrained(
         AutoTokenizer, cfg.name_or_path, "tokenizer", trust_remote_code=cfg.trust_remote_code
     )
+    return prepare_tokenizer(tok, cfg.name_or_path)
+
+
+def prepare_tokenizer(tok, name: str):
+    """``tok`` with ``<image>`` as a special token and a pad token set (see :func:`load_tokenizer`)."""
     if tok.eos_token is None:
-        raise ValueError(
-            f"tokenizer of {cfg.name_or_path!r} has no eos token; conversation turns need one"
-        )
+        raise ValueError(f"tokenizer of {name!r} has no eos token; conversation turns need one")
     if IMAGE_TOKEN not in tok.get_vocab():
         # Extend, not replace, the extra special tokens (e.g. Qwen2's <|im_start|>, Gemma's
         # <start_of_turn>), so they stay special for decoding.

@@ -455,6 +455,8 @@ def test_fit_writes_checkpoint_dir_and_checkpoint_command_rebuilds_it(
         train=[f"{root}/pretrain/shard-*.tar"],
         template="vicuna",
         system_prompt="Hi.",
+        image_position="after",
+        answer_suffixes={"pope": "\nOne word."},
         batch_size=4,
         num_workers=0,
     )
@@ -466,6 +468,9 @@ def test_fit_writes_checkpoint_dir_and_checkpoint_command_rebuilds_it(
 
     from_fit = load_checkpoint_dir(tmp_path / "ckpt")
     assert from_fit.template.name == "vicuna" and from_fit.template.system == "Hi."
+    # The DataModule's prompt conventions, so predict / chat / lmms-eval ask as it trained.
+    assert from_fit.conventions.image_position == "after"
+    assert from_fit.conventions.answer_suffixes == {"pope": "\nOne word."}
     assert (
         from_fit.generation.max_new_tokens == 5 and from_fit.max_length == cfg["data"]["max_length"]
     )
@@ -483,6 +488,6 @@ def test_fit_writes_checkpoint_dir_and_checkpoint_command_rebuilds_it(
     ]
     assert checkpoint_main(args) == 0
     again = load_checkpoint_dir(tmp_path / "again")
-    assert again.template == from_fit.template
+    assert again.template == from_fit.template and again.conventions == from_fit.conventions
     for k, v in again.model.state_dict().items():
         assert torch.equal(v, trained[k]), k

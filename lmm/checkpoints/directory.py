@@ -331,7 +331,6 @@ def fit_config(path: str | os.PathLike) -> dict[str, Any]:
     if m.get("weights"):
         model["init_from"] = str(root / m["weights"])
     conventions = PromptConventions.from_info(data).to_info()
-    conventions.pop("answer_suffixes")  # a prompt-building convention, not a DataModule option
     return {
         "model": {**model, "generation": info.get("generation", {})},
         "data": {

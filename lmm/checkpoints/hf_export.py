@@ -165,6 +165,12 @@ def _language_state(llm: nn.Module) -> dict[str, torch.Tensor]:
     base = llm.get_decoder() if hasattr(llm, "get_decoder") else getattr(llm, llm.base_model_prefix)
     base_prefix = _prefix_of(llm, base) + "."
     head_prefix = _prefix_of(llm, llm.get_output_embeddings()) + "."
+    head = llm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ExportError(
+            f"model.llm: the LM head of {type(llm).__name__} has a bias (Phi-2's does); the Hugging Face "
+            "LLaVA / OneVision classes build lm_head without one, so this model has no exact export"
+        )
     state = {}
     for k, v in plain_state(llm).items():
         if k.startswith(base_prefix):

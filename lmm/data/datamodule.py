@@ -77,6 +77,10 @@ class LMMDataModule(L.LightningDataModule):
             directory this run writes): ``before`` (LLaVA's ``<image>\nquestion``) or ``after``
             (``question\n<image>``). Set it to where the training data put the image; the
             shards' own samples are encoded as they are written.
+        answer_suffixes: Per benchmark (``lmm score`` names), the answer instruction the
+            reference appends to each question, e.g. ``{pope: "\\nAnswer the question using a
+            single word or phrase."}``; recorded in the checkpoint directory, where
+            ``predict --benchmark`` reads it. An imported model brings its reference's.
         max_length: Token budget per sample after ``<image>`` expansion.
         batch_size: Training samples per batch and device.
         eval_batch_size: Prompts per generation batch.
@@ -121,6 +125,7 @@ class LMMDataModule(L.LightningDataModule):
         image_placement: str = "as_written",
         tokenization: str = "single_pass",
         image_position: str = "before",
+        answer_suffixes: Optional[dict[str, str]] = None,
         max_length: int = 512,
         batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -148,6 +153,7 @@ class LMMDataModule(L.LightningDataModule):
         self.image_placement = image_placement
         self.tokenization = tokenization
         self.image_position = image_position
+        self.answer_suffixes = dict(answer_suffixes or {})
         self.prompt_conventions()  # validates image_position now, not when the run ends
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -189,7 +195,9 @@ class LMMDataModule(L.LightningDataModule):
 
     def prompt_conventions(self) -> PromptConventions:
         """What a checkpoint directory written from this run records about its prompts."""
-        return PromptConventions(self.image_placement, self.tokenization, self.image_position)
+        return PromptConventions(
+            self.image_placement, self.tokenization, self.image_position, self.answer_suffixes
+        )
 
     def _encoder(self) -> SampleEncoder:
         if self.processor is None:

@@ -53,13 +53,14 @@ REFERENCE_CONVENTIONS = PromptConventions(
 def load_transformers_model(cls, src: Path, expected_type: str):
     """``cls.from_pretrained(src)`` in the stored dtype, refusing any missing or unused tensor."""
     config = read_json(src / "config.json", "the model's config")
-    if config.get("model_type") != expected_type:
-        hint = (
-            " (an original LLaVA checkpoint: --from llava)" if "mm_vision_tower" in config else ""
-        )
+    if "mm_vision_tower" in config:  # released LLaVA-1.5 configs also say model_type "llava"
         raise ImportFormatError(
-            f"{src / 'config.json'}: model_type is {config.get('model_type')!r}, expected "
-            f"{expected_type!r}{hint}"
+            f"{src / 'config.json'}: an original LLaVA checkpoint (mm_vision_tower, architectures "
+            f"{config.get('architectures')}), not a transformers one: use --from llava"
+        )
+    if config.get("model_type") != expected_type:
+        raise ImportFormatError(
+            f"{src / 'config.json'}: model_type is {config.get('model_type')!r}, expected {expected_type!r}"
         )
     model, report = cls.from_pretrained(
         src, dtype="auto", output_loading_info=True, trust_remote_code=False

@@ -20,7 +20,9 @@ needs_reference_text = pytest.mark.skipif(
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:
     g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy())
+    return Image.fromarray(
+        (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    )
 
 
 def lora_fit(ckpt_dir: Path, shards: str, tmp_path: Path) -> Path:
@@ -43,7 +45,9 @@ def lora_fit(ckpt_dir: Path, shards: str, tmp_path: Path) -> Path:
         optim={"lr_llm": 0.05, "lr_connector": 0.01},
         save_checkpoint_dir=str(out),
     )
-    cfg["data"].update(train=[shards], batch_size=2, num_workers=0, max_length=min(cfg["data"]["max_length"], 256))
+    cfg["data"].update(
+        train=[shards], batch_size=2, num_workers=0, max_length=min(cfg["data"]["max_length"], 256)
+    )
     cfg["trainer"] = {
         "max_steps": 2,
         "accelerator": "cpu",
@@ -65,7 +69,9 @@ def assert_lora_changed_the_lm(before, after) -> None:
     a, b = before.model.llm.state_dict(), after.model.llm.state_dict()
     assert a.keys() == b.keys()
     changed = {k for k in a if not torch.equal(a[k], b[k])}
-    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), sorted(changed)[:4]
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), sorted(
+        changed
+    )[:4]
 
 
 def same_conventions(tuned, imported) -> bool:
@@ -74,4 +80,7 @@ def same_conventions(tuned, imported) -> bool:
 
     if HAS_REFERENCE_TEXT:
         return tuned.conventions == imported.conventions
-    return replace(tuned.conventions, image_placement="llava", tokenization="chunked") == imported.conventions
+    return (
+        replace(tuned.conventions, image_placement="llava", tokenization="chunked")
+        == imported.conventions
+    )

@@ -344,12 +344,12 @@ def test_export_loads_in_transformers_without_missing_or_unexpected_keys(exporte
     hf, report = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert {k: v for k, v in report.items() if v} == {}, report
     cfg = hf.config
-    assert cfg.vision_feature_layer == -1
+    # lmm's kept layers (1 of 2 at feature layer -2) plus an identity layer, read at -2
+    # (hidden_states[-1] means another thing in transformers 4.5x: test_export_portable).
+    assert cfg.vision_feature_layer == -2
     assert cfg.vision_feature_select_strategy == ("default" if tower == "clip" else "full")
     assert cfg.image_token_id == ckpt.model.image_token_id
-    assert cfg.vision_config.num_hidden_layers == (
-        1 if feature_layer == -2 else 2
-    )  # truncated like lmm's tower
+    assert cfg.vision_config.num_hidden_layers == (1 if feature_layer == -2 else 2) + 1
     assert cfg.projector_hidden_act == (
         "linear" if ckpt.info["model"]["connector"] == "linear" else "gelu"
     )

@@ -60,7 +60,9 @@ def _greedy(ckpt, ids: torch.Tensor, pixel_values, n: int = 8) -> str:
 
 def _hf_greedy(hf, processor, inputs, n: int = 8) -> str:
     out = hf.generate(**inputs, max_new_tokens=n, do_sample=False)
-    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[
+        0
+    ].strip()
 
 
 # -- LlavaForConditionalGeneration ---------------------------------------------------------------
@@ -81,7 +83,9 @@ def test_llava_hf_import_computes_the_reference_logits_and_greedy_text(llava_hf)
     hf = LlavaForConditionalGeneration.from_pretrained(src).eval()
     processor = AutoProcessor.from_pretrained(src)
     ckpt = load_checkpoint_dir(out)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+    ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     for img in (image(IMAGE, IMAGE, 1), image(50, 30, 2)):
         inputs = processor(images=img, text=prompt, return_tensors="pt")
@@ -89,7 +93,9 @@ def test_llava_hf_import_computes_the_reference_logits_and_greedy_text(llava_hf)
             reference = hf(**inputs).logits
         ours = _lmm_logits(ckpt, inputs["input_ids"], inputs["pixel_values"])
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
-        assert _greedy(ckpt, inputs["input_ids"], inputs["pixel_values"]) == _hf_greedy(hf, processor, inputs)
+        assert _greedy(ckpt, inputs["input_ids"], inputs["pixel_values"]) == _hf_greedy(
+            hf, processor, inputs
+        )
 
 
 def test_llava_hf_import_records_the_reference_settings(llava_hf):
@@ -101,7 +107,11 @@ def test_llava_hf_import_records_the_reference_settings(llava_hf):
     assert json.loads((out / "vision" / "config.json").read_text())["num_hidden_layers"] == 3
     data = info["data"]
     assert data["template"] == "vicuna" and data["system_prompt"].startswith("A chat between")
-    assert (data["image_placement"], data["tokenization"], data["image_position"]) == ("llava", "chunked", "before")
+    assert (data["image_placement"], data["tokenization"], data["image_position"]) == (
+        "llava",
+        "chunked",
+        "before",
+    )
     assert data["answer_suffixes"]["pope"] == "\nAnswer the question using a single word or phrase."
     assert info["source"] == {"format": "llava_hf", "path": str(src)}
 
@@ -130,7 +140,12 @@ def test_llava_hf_export_of_import_gives_the_source_back_bit_for_bit(llava_hf, t
     b, report = LlavaForConditionalGeneration.from_pretrained(back, output_loading_info=True)
     assert not any(report.values()), report
     _state_equal(a.state_dict(), b.state_dict())
-    for field in ("vision_feature_layer", "vision_feature_select_strategy", "image_token_id", "projector_hidden_act"):
+    for field in (
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+        "image_token_id",
+        "projector_hidden_act",
+    ):
         assert getattr(a.config, field) == getattr(b.config, field), field
 
 
@@ -146,7 +161,9 @@ def test_llava_hf_import_fine_tunes_with_lora_and_exports_back(llava_hf, tiny_wo
     hf_dir = export_llava(tuned, tmp_path / "hf")
     hf, report = LlavaForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
     assert not any(report.values()), report
-    ids = torch.tensor([[1] + [tuned.model.image_token_id] * tuned.model.num_image_tokens + [40, 41, 42]])
+    ids = torch.tensor(
+        [[1] + [tuned.model.image_token_id] * tuned.model.num_image_tokens + [40, 41, 42]]
+    )
     pixels = torch.randn(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf.eval()(input_ids=ids, pixel_values=pixels).logits
@@ -196,7 +213,9 @@ def _ov_inputs(processor, images=None, videos=None):
     parts = [{"type": "image"}] * len(images or []) + [{"type": "video"}] * len(videos or [])
     messages = [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(images=[images] if images else None, videos=videos, text=prompt, return_tensors="pt")
+    return processor(
+        images=[images] if images else None, videos=videos, text=prompt, return_tensors="pt"
+    )
 
 
 def _ov_batch(ckpt, inputs, visuals: list[Visual]) -> ImageBatch:
@@ -205,7 +224,9 @@ def _ov_batch(ckpt, inputs, visuals: list[Visual]) -> ImageBatch:
     if "pixel_values_videos" in inputs:
         pixels = inputs["pixel_values_videos"][0]
     else:
-        pixels = torch.cat([inputs["pixel_values"][i, : layout.tiles(v)] for i, v in enumerate(visuals)])
+        pixels = torch.cat(
+            [inputs["pixel_values"][i, : layout.tiles(v)] for i, v in enumerate(visuals)]
+        )
     return ImageBatch.of_sample(pixels, visuals)
 
 
@@ -216,14 +237,23 @@ def test_onevision_import_reads_grids_budget_newline_and_video(onevision):
     hf = LlavaOnevisionForConditionalGeneration.from_pretrained(src)
     ckpt = load_checkpoint_dir(out)
     layout = ckpt.model.image_layout
-    assert layout.anyres.grids == [(1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]  # pinpoints / 32 px
+    assert layout.anyres.grids == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (2, 2),
+        (1, 3),
+        (3, 1),
+    ]  # pinpoints / 32 px
     assert (layout.anyres.max_tiles, layout.anyres.shrink_tolerance) == (2, 1.1)  # anyres_max_2
     assert layout.video.pool == 2 and ckpt.model.vision.image_spec.preprocess == "resize"
     assert torch.equal(ckpt.model.connector.image_newline, hf.model.image_newline)
     assert ckpt.template.name == "chatml" and ckpt.template.system == "You are a helpful assistant."
 
 
-@pytest.mark.parametrize("size", [(32, 32), (64, 32), (32, 64), (64, 64), (96, 32), (50, 30), (41, 90)])
+@pytest.mark.parametrize(
+    "size", [(32, 32), (64, 32), (32, 64), (64, 64), (96, 32), (50, 30), (41, 90)]
+)
 def test_onevision_import_matches_transformers_on_single_images(onevision, size):
     """Every grid, the unpadding and the budget (64x64 and 2x1 maps shrink): lmm's token count
     is the processor's, and lmm's logits on the processor's inputs are the model's."""
@@ -235,8 +265,10 @@ def test_onevision_import_matches_transformers_on_single_images(onevision, size)
     ckpt = load_checkpoint_dir(out)
     img = image(*size, seed=sum(size))
     inputs = _ov_inputs(processor, images=[img])
-    (visual, _), = placeholders({"id": "x"}, [img], ckpt.model.image_layout)
-    assert ckpt.model.image_layout.count(visual) == int((inputs["input_ids"] == ckpt.model.image_token_id).sum())
+    ((visual, _),) = placeholders({"id": "x"}, [img], ckpt.model.image_layout)
+    assert ckpt.model.image_layout.count(visual) == int(
+        (inputs["input_ids"] == ckpt.model.image_token_id).sum()
+    )
     with torch.no_grad():
         reference = hf(**inputs).logits
     ours = _lmm_logits(ckpt, inputs["input_ids"], _ov_batch(ckpt, inputs, [visual]))
@@ -259,19 +291,26 @@ def test_onevision_import_matches_transformers_on_two_images_and_video(onevision
     with torch.no_grad():
         reference = hf(**inputs).logits
     torch.testing.assert_close(
-        _lmm_logits(ckpt, inputs["input_ids"], _ov_batch(ckpt, inputs, visuals)), reference, rtol=0, atol=1e-5
+        _lmm_logits(ckpt, inputs["input_ids"], _ov_batch(ckpt, inputs, visuals)),
+        reference,
+        rtol=0,
+        atol=1e-5,
     )
 
     frames = [image(32, 32, 10 + i) for i in range(4)]
     inputs = _ov_inputs(processor, videos=[frames])
     video_id = hf.config.video_token_id
     # lmm stands for a clip by one <image> placeholder; the tokens it expands to are the same.
-    ids = torch.where(inputs["input_ids"] == video_id, ckpt.model.image_token_id, inputs["input_ids"])
+    ids = torch.where(
+        inputs["input_ids"] == video_id, ckpt.model.image_token_id, inputs["input_ids"]
+    )
     visual = Visual("video", 32, 32, frames=4)
     assert ckpt.model.image_layout.count(visual) == int((inputs["input_ids"] == video_id).sum())
     with torch.no_grad():
         reference = hf(**inputs).logits
-    torch.testing.assert_close(_lmm_logits(ckpt, ids, _ov_batch(ckpt, inputs, [visual])), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        _lmm_logits(ckpt, ids, _ov_batch(ckpt, inputs, [visual])), reference, rtol=0, atol=1e-5
+    )
 
 
 def test_onevision_import_prepares_crops_like_the_processor(onevision):
@@ -285,10 +324,15 @@ def test_onevision_import_prepares_crops_like_the_processor(onevision):
     ckpt = load_checkpoint_dir(out)
     layout, spec = ckpt.model.image_layout, ckpt.model.vision.image_spec
     step = 1 / 255 / min(spec.std)
-    for size, tolerance in (((32, 32), 1e-6), ((64, 64), 2 * step), ((64, 32), 2 * step), ((32, 64), 2 * step)):
+    for size, tolerance in (
+        ((32, 32), 1e-6),
+        ((64, 64), 2 * step),
+        ((64, 32), 2 * step),
+        ((32, 64), 2 * step),
+    ):
         img = image(*size, seed=3)
         theirs = processor.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
-        (visual, imgs), = placeholders({"id": "x"}, [img], layout)
+        ((visual, imgs),) = placeholders({"id": "x"}, [img], layout)
         ours = tiles(visual, imgs, layout, ImageTransform(spec))
         torch.testing.assert_close(ours, theirs[: len(ours)], rtol=0, atol=tolerance)
 
@@ -321,10 +365,17 @@ def test_onevision_export_of_import_gives_the_source_back_bit_for_bit(onevision,
     src, out = onevision
     back = export_onevision(load_checkpoint_dir(out), tmp_path / "back")
     a = LlavaOnevisionForConditionalGeneration.from_pretrained(src)
-    b, report = LlavaOnevisionForConditionalGeneration.from_pretrained(back, output_loading_info=True)
+    b, report = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        back, output_loading_info=True
+    )
     assert not any(report.values()), report
     _state_equal(a.state_dict(), b.state_dict())
-    for field in ("image_grid_pinpoints", "vision_aspect_ratio", "image_token_id", "video_token_id"):
+    for field in (
+        "image_grid_pinpoints",
+        "vision_aspect_ratio",
+        "image_token_id",
+        "video_token_id",
+    ):
         assert getattr(a.config, field) == getattr(b.config, field), field
 
 
@@ -338,12 +389,14 @@ def test_onevision_import_fine_tunes_with_lora_and_exports_back(onevision, tiny_
     assert_lora_changed_the_lm(before, tuned)
     assert tuned.model.image_layout == before.model.image_layout
     hf_dir = export_onevision(tuned, tmp_path / "hf")
-    hf, report = LlavaOnevisionForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
+    hf, report = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        hf_dir, output_loading_info=True
+    )
     assert not any(report.values()), report
     processor = AutoProcessor.from_pretrained(hf_dir)
     img = image(64, 32, 8)
     inputs = _ov_inputs(processor, images=[img])
-    (visual, _), = placeholders({"id": "x"}, [img], tuned.model.image_layout)
+    ((visual, _),) = placeholders({"id": "x"}, [img], tuned.model.image_layout)
     with torch.no_grad():
         theirs = hf.eval()(**inputs).logits
     ours = _lmm_logits(tuned, inputs["input_ids"], _ov_batch(tuned, inputs, [visual]))
@@ -358,14 +411,20 @@ def test_import_of_export_gives_the_lmm_checkpoint_back_bit_for_bit(kind, tiny_m
     anyres = AnyResConfig(max_grid=2, max_tiles=3) if kind == "onevision" else None
     video = VideoConfig(max_frames=4) if kind == "onevision" else None
     vision = VisionConfig(
-        name_or_path=str(tiny_models["vision"]), feature_layer=-2, image_preprocess="resize", anyres=anyres, video=video
+        name_or_path=str(tiny_models["vision"]),
+        feature_layer=-2,
+        image_preprocess="resize",
+        anyres=anyres,
+        video=video,
     )
     llm = LanguageConfig(name_or_path=str(tiny_models["llm"]))
     torch.manual_seed(3)
     model = LMM(vision, llm, "mlp2x_gelu").eval()
     from lmm.data.prompts import PromptConventions
 
-    conventions = PromptConventions(image_position="after", answer_suffixes={"pope": "\nShort answer."})
+    conventions = PromptConventions(
+        image_position="after", answer_suffixes={"pope": "\nShort answer."}
+    )
     x = load_checkpoint_dir(
         save_checkpoint_dir(
             model,
@@ -383,7 +442,9 @@ def test_import_of_export_gives_the_lmm_checkpoint_back_bit_for_bit(kind, tiny_m
     back_dir, _ = import_checkpoint(fmt, export(x, tmp_path / "hf"), tmp_path / "back")
     back = load_checkpoint_dir(back_dir)
     _state_equal(x.model.state_dict(), back.model.state_dict())
-    assert back.template == x.template and back.max_length == 200 and back.conventions == conventions
+    assert (
+        back.template == x.template and back.max_length == 200 and back.conventions == conventions
+    )
     assert back.model.image_layout == x.model.image_layout
     assert back.model.vision.image_spec == x.model.vision.image_spec
 
@@ -393,15 +454,21 @@ def test_import_of_export_gives_the_lmm_checkpoint_back_bit_for_bit(kind, tiny_m
 
 def test_import_refuses_the_wrong_format_with_a_hint(llava_hf, onevision, tmp_path):
     src, _ = llava_hf
-    with pytest.raises(ImportFormatError, match="model_type is 'llava', expected 'llava_onevision'"):
+    with pytest.raises(
+        ImportFormatError, match="model_type is 'llava', expected 'llava_onevision'"
+    ):
         import_checkpoint("llava_onevision_hf", src, tmp_path / "x")
     with pytest.raises(ImportFormatError, match="no such directory"):
         import_checkpoint("llava_hf", tmp_path / "missing", tmp_path / "x")
-    with pytest.raises(ImportFormatError, match="not an original LLaVA checkpoint.*--from llava_hf"):
+    with pytest.raises(
+        ImportFormatError, match="not an original LLaVA checkpoint.*--from llava_hf"
+    ):
         import_checkpoint("llava", src, tmp_path / "x")
     original = tmp_path / "original"
     original.mkdir()
-    (original / "config.json").write_text(json.dumps({"model_type": "llava", "mm_vision_tower": "x"}))
+    (original / "config.json").write_text(
+        json.dumps({"model_type": "llava", "mm_vision_tower": "x"})
+    )
     with pytest.raises(ImportFormatError, match="original LLaVA checkpoint.*use --from llava$"):
         import_checkpoint("llava_hf", original, tmp_path / "x")
 

@@ -84,11 +84,15 @@ def _reference_pixels(fmt: str, reference, img) -> torch.Tensor:
     from transformers import CLIPImageProcessor, SiglipImageProcessor
 
     if fmt == "llava":
-        processor = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}
+        )
         w, h = img.size
         if w != h:
             side = max(w, h)
-            square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in processor.image_mean))
+            square = Image.new(
+                "RGB", (side, side), tuple(int(m * 255) for m in processor.image_mean)
+            )
             square.paste(img, ((side - w) // 2, (side - h) // 2))
             img = square
     else:
@@ -121,7 +125,9 @@ def test_import_computes_the_reference_logits_and_greedy_text(released):
         pad_token_id=tok.eos_token_id,
     )
     reference_text = tok.decode(generated[0], skip_special_tokens=True).strip()
-    ours_text = ckpt.model.generate_text(ids, torch.ones_like(ids), pixels, max_new_tokens=8, stop_token_ids=[])[0]
+    ours_text = ckpt.model.generate_text(
+        ids, torch.ones_like(ids), pixels, max_new_tokens=8, stop_token_ids=[]
+    )[0]
     assert ours_text == reference_text
 
 
@@ -139,7 +145,10 @@ def test_import_records_the_reference_settings(released):
     assert data["system_prompt"] == VICUNA_SYSTEM
     assert data["max_length"] == (2048 if fmt == "llava" else 3072)
     assert (data["image_placement"], data["tokenization"]) == ("llava", "chunked")
-    assert data["answer_suffixes"]["mmbench"] == "\nAnswer with the option's letter from the given choices directly."
+    assert (
+        data["answer_suffixes"]["mmbench"]
+        == "\nAnswer with the option's letter from the given choices directly."
+    )
     assert info["source"]["format"] == fmt and info["source"]["path"] == str(src)
 
 

@@ -39,7 +39,9 @@ def _image(seed: int = 0) -> Image.Image:
     return Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
-def _save(model, tiny_models, out: Path, conventions: PromptConventions, max_length: int = 256) -> Path:
+def _save(
+    model, tiny_models, out: Path, conventions: PromptConventions, max_length: int = 256
+) -> Path:
     return save_checkpoint_dir(
         model,
         out,
@@ -55,7 +57,9 @@ def _save(model, tiny_models, out: Path, conventions: PromptConventions, max_len
 @pytest.fixture(scope="module")
 def after_dir(lmm_model, tiny_models, tmp_path_factory) -> Path:
     """A checkpoint trained as the tiny world writes its samples: ``question\\n<image>``."""
-    conventions = PromptConventions(image_position="after", answer_suffixes=dict(LLAVA_ANSWER_SUFFIXES))
+    conventions = PromptConventions(
+        image_position="after", answer_suffixes=dict(LLAVA_ANSWER_SUFFIXES)
+    )
     return _save(lmm_model, tiny_models, tmp_path_factory.mktemp("after") / "ckpt", conventions)
 
 
@@ -67,7 +71,10 @@ def _training_prompt_ids(ckpt) -> list[int]:
     encoder = SampleEncoder(processor, ckpt.template, 256)
     meta = {
         "id": "s",
-        "conversations": [{"from": "human", "value": f"{QUESTION}\n<image>"}, {"from": "gpt", "value": "Red."}],
+        "conversations": [
+            {"from": "human", "value": f"{QUESTION}\n<image>"},
+            {"from": "gpt", "value": "Red."},
+        ],
     }
     prompt = encoder.encode_prompt(meta, [_image()])["input_ids"].tolist()
     assert encoder.encode_train(meta, [_image()])["input_ids"].tolist()[: len(prompt)] == prompt
@@ -79,7 +86,9 @@ def test_tiny_config_records_where_its_world_puts_the_image():
 
     assert TINY_WORLD.image_after_question
     for config in ("configs/tiny/finetune.yaml", "configs/tiny_ov/finetune.yaml"):
-        assert yaml.safe_load((REPO / config).read_text())["data"]["image_position"] == "after", config
+        assert yaml.safe_load((REPO / config).read_text())["data"]["image_position"] == "after", (
+            config
+        )
 
 
 def test_predict_chat_and_lmms_eval_ask_as_the_model_was_trained(after_dir, monkeypatch):
@@ -96,7 +105,11 @@ def test_predict_chat_and_lmms_eval_ask_as_the_model_was_trained(after_dir, monk
     assert before.encode_question(QUESTION, [_image()])["input_ids"].tolist() != expected
 
     seen: list[list[int]] = []
-    monkeypatch.setattr(predictor, "generate", lambda samples, g=None: [seen.append(s["input_ids"].tolist()) or "Red." for s in samples])
+    monkeypatch.setattr(
+        predictor,
+        "generate",
+        lambda samples, g=None: [seen.append(s["input_ids"].tolist()) or "Red." for s in samples],
+    )
     chat_loop(predictor, _image(), io.StringIO(QUESTION + "\n"), io.StringIO(), io.StringIO())
     assert seen == [expected]
 
@@ -109,7 +122,9 @@ def test_predict_chat_and_lmms_eval_ask_as_the_model_was_trained(after_dir, monk
         return ["Red."] * len(samples)
 
     monkeypatch.setattr(adapter.predictor, "generate_all", generate_all)
-    request = SimpleNamespace(args=(QUESTION, {"max_new_tokens": 2}, lambda doc: [doc["image"]], 0, "toy", "test"))
+    request = SimpleNamespace(
+        args=(QUESTION, {"max_new_tokens": 2}, lambda doc: [doc["image"]], 0, "toy", "test")
+    )
     assert adapter.generate_until([request]) == ["Red."]
     assert asked == [expected]
 
@@ -125,11 +140,15 @@ def test_checkpoints_without_conventions_read_as_they_were_written(after_dir, tm
     for key in ("image_placement", "tokenization", "image_position", "answer_suffixes"):
         del info["data"][key]
     (old / "lmm.json").write_text(json.dumps(info))
-    assert load_checkpoint_dir(old).conventions == PromptConventions("as_written", "single_pass", "before", {})
+    assert load_checkpoint_dir(old).conventions == PromptConventions(
+        "as_written", "single_pass", "before", {}
+    )
 
 
 def test_conventions_are_checked():
-    with pytest.raises(ConfigError, match="data.image_position: unknown value 'middle'; allowed: before, after"):
+    with pytest.raises(
+        ConfigError, match="data.image_position: unknown value 'middle'; allowed: before, after"
+    ):
         PromptConventions(image_position="middle")
     from lmm.data.datamodule import LMMDataModule
 
@@ -144,21 +163,35 @@ def test_predict_appends_the_benchmarks_answer_suffix_once(after_dir):
     ckpt = load_checkpoint_dir(after_dir)
     predictor = Predictor.from_checkpoint(ckpt)
     suffix = LLAVA_ANSWER_SUFFIXES["pope"]
-    questions = [{"question_id": 1, "text": "Is there a dog?"}, {"question_id": 2, "text": "Is there a cat?" + suffix}]
+    questions = [
+        {"question_id": 1, "text": "Is there a dog?"},
+        {"question_id": 2, "text": "Is there a cat?" + suffix},
+    ]
     records = answer_questions(predictor, questions, Path("."), "m", answer_suffix="pope")
-    assert [r["prompt"] for r in records] == ["Is there a dog?" + suffix, "Is there a cat?" + suffix]
+    assert [r["prompt"] for r in records] == [
+        "Is there a dog?" + suffix,
+        "Is there a cat?" + suffix,
+    ]
     plain = answer_questions(predictor, questions[:1], Path("."), "m", answer_suffix=None)
     assert plain[0]["prompt"] == "Is there a dog?"
-    assert answer_questions(predictor, questions[:1], Path("."), "m", answer_suffix="vqav2")[0]["prompt"].endswith(suffix)
+    assert answer_questions(predictor, questions[:1], Path("."), "m", answer_suffix="vqav2")[0][
+        "prompt"
+    ].endswith(suffix)
 
 
-def test_chat_takes_its_max_length_from_the_checkpoint(lmm_model, tiny_models, tmp_path, monkeypatch):
+def test_chat_takes_its_max_length_from_the_checkpoint(
+    lmm_model, tiny_models, tmp_path, monkeypatch
+):
     """As predict does (the LM's context is 256 tokens here; the checkpoint says 40)."""
     import lmm.commands.chat as chat_command
 
     out = _save(lmm_model, tiny_models, tmp_path / "ckpt", PromptConventions(), max_length=40)
     lengths: list[int] = []
-    monkeypatch.setattr(chat_command, "chat_loop", lambda predictor, *a, **k: lengths.append(predictor.encoder.max_length))
+    monkeypatch.setattr(
+        chat_command,
+        "chat_loop",
+        lambda predictor, *a, **k: lengths.append(predictor.encoder.max_length),
+    )
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert chat_command.main(["--ckpt", str(out)]) == 0
     assert chat_command.main(["--ckpt", str(out), "--max-length", "99"]) == 0

@@ -5,10 +5,11 @@ The output loads with ``LlavaForConditionalGeneration`` / ``LlavaOnevisionForCon
 ``.from_pretrained`` and ``AutoProcessor`` in transformers 4.x and 5.x (``lmm.checkpoints.hf_files``)
 and computes the same function as lmm:
 
-* vision tower: a transformers CLIP or SigLIP vision model. A tower lmm saved cut at its feature
-  layer is written with its kept layers and ``vision_feature_layer = -1`` (LLaVA reads
-  ``hidden_states[-1]``, the last kept layer's output before ``post_layernorm``, written as an
-  unused identity-initialised norm); an imported tower, kept whole in the checkpoint, is written
+* vision tower: a transformers CLIP or SigLIP vision model. A tower lmm cut at its feature
+  layer is written with its kept layers plus one identity layer and ``vision_feature_layer =
+  -2``, so LLaVA reads the last kept layer's output before any norm, exactly lmm's feature, in
+  transformers 4.x and 5.x alike (see ``_vision_part``); the removed final norm is an unused
+  identity-initialised stand-in. An imported tower, kept whole in the checkpoint, is written
   whole with its feature layer, so exporting an import gives the source back bit for bit.
   CLIP's CLS token is dropped (``vision_feature_select_strategy "default"``), SigLIP keeps every
   patch (``"full"``), following the tower's own ``select``.
@@ -116,19 +117,55 @@ def _saved_tower(ckpt, tower) -> Optional[nn.Module]:
     return type(tower).from_pretrained(folder, dtype=next(tower.parameters()).dtype)
 
 
-def _vision_part(ckpt, tower) -> tuple[dict, dict[str, torch.Tensor], int]:
-    """(vision config, tower tensors, vision_feature_layer): the kept layers from the model (as
-    trained), whatever lmm removed (later layers, final norm, head) from the saved tower, so an
-    imported tower is written back as it came."""
-    saved = _saved_tower(ckpt, tower)
+def _cut_at_feature_layer(saved: Optional[nn.Module], kept: int) -> bool:
+    """Whether the tower ends at lmm's feature layer (lmm saved it cut there, its final norm an
+    identity-initialised stand-in), rather than being a whole imported tower."""
     if saved is None:
-        config = tower.config
-        if hasattr(config, "vision_use_head"):
-            config.vision_use_head = False  # lmm removed the pooling head
-        return config.to_dict(), complete_vision_state(tower), -1
-    state = {**saved.state_dict(), **plain_state(tower)}
-    layer = tower.config.num_hidden_layers - saved.config.num_hidden_layers - 1
-    return saved.config.to_dict(), state, layer
+        return True
+    if saved.config.num_hidden_layers > kept:
+        return False
+    norm = next((m for n, m in saved.named_modules() if n.endswith("post_layernorm")), None)
+    return norm is not None and bool((norm.weight == 1).all() and (norm.bias == 0).all())
+
+
+def _identity_layer(state: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Encoder layer ``index`` computing the identity: a CLIP / SigLIP layer adds its attention
+    and MLP outputs to its input, and with ``out_proj`` and ``fc2`` zero both add exact zeros."""
+    prefix = f"encoder.layers.{index - 1}."
+    out = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            name = key[len(prefix) :]
+            fill = (
+                torch.ones_like
+                if name.startswith("layer_norm") and name.endswith("weight")
+                else torch.zeros_like
+            )
+            out[f"encoder.layers.{index}.{name}"] = fill(value)
+    return out
+
+
+def _vision_part(ckpt, tower) -> tuple[dict, dict[str, torch.Tensor], int]:
+    """(vision config, tower tensors, vision_feature_layer).
+
+    An imported tower: the kept layers from the model (as trained), the rest (later layers,
+    final norm, head) from the saved tower, so it is written back as it came. A tower lmm cut
+    at its feature layer: its layers plus one identity layer, read at ``-2``. ``-1`` would not
+    do: transformers 4.5x replaces ``hidden_states[-1]`` by the post-normalised output (its
+    ``check_model_inputs``), 5.x does not; ``hidden_states[-2]`` is the same in both.
+    """
+    saved = _saved_tower(ckpt, tower)
+    kept = tower.config.num_hidden_layers
+    if not _cut_at_feature_layer(saved, kept):
+        state = {**saved.state_dict(), **plain_state(tower)}
+        return saved.config.to_dict(), state, kept - saved.config.num_hidden_layers - 1
+    config = copy.deepcopy(tower.config)
+    if hasattr(config, "vision_use_head"):
+        config.vision_use_head = False  # lmm removed the pooling head
+    state = complete_vision_state(tower)
+    state.update(_identity_layer(state, kept))
+    config.num_hidden_layers = kept + 1
+    return config.to_dict(), state, -2
 
 
 def _connector_state(connector: nn.Module, kind: str, text_dim: int) -> dict[str, torch.Tensor]:

@@ -74,8 +74,8 @@ class LMMDataModule(L.LightningDataModule):
             text at once).
         image_position: Where the images of a bare question go when a prompt is built outside
             the shards (``predict``, ``chat``, the lmms-eval adapter read it from the checkpoint
-            directory this run writes): ``before`` (LLaVA's ``<image>\nquestion``) or ``after``
-            (``question\n<image>``). Set it to where the training data put the image; the
+            directory this run writes): ``before`` (LLaVA's ``<image>\\nquestion``) or ``after``
+            (``question\\n<image>``). Set it to where the training data put the image; the
             shards' own samples are encoded as they are written.
         answer_suffixes: Per benchmark (``lmm score`` names), the answer instruction the
             reference appends to each question, e.g. ``{pope: "\\nAnswer the question using a

@@ -133,7 +133,9 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError and friends: the file holds more than tensors
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        reason = next(
+            (line for line in lines if "Unsupported global" in line), lines[0] if lines else ""
+        )
         raise ImportFormatError(
             f"{path}: refused by torch.load(weights_only=True) ({reason}); lmm never unpickles code. "
             "Convert the file to safetensors where you trust it"

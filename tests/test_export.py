@@ -290,6 +290,9 @@ def test_tokenizer_template_exports_the_tokenizers_own_chat_template(tmp_path, f
     template = get_template("tokenizer")
     exported = chat_template_for(template, tok)
     assert exported == chat_template_for(template.bind(tok), tok) and exported.endswith(own)
+    tok.chat_template = exported  # exporting again (an import of this export) changes nothing
+    assert chat_template_for(template, tok) == exported
+    tok.chat_template = own
     turns = [
         Turn("user", "<image>\nWhat is it?"),
         Turn("assistant", "A red circle."),

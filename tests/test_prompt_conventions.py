@@ -179,6 +179,26 @@ def test_predict_appends_the_benchmarks_answer_suffix_once(after_dir):
     ].endswith(suffix)
 
 
+def test_predict_refuses_an_answer_suffix_the_checkpoint_does_not_record(
+    after_dir, tmp_path, capsys
+):
+    from lmm.commands.predict import main
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "text": "Is there a dog?"}) + "\n")
+    args = [
+        "--ckpt",
+        str(after_dir),
+        "--questions",
+        str(questions),
+        "--answers",
+        str(tmp_path / "a.jsonl"),
+    ]
+    assert main([*args, "--answer-suffix", "nocaps"]) == 2
+    assert "records answer suffixes for: gqa, mmbench, mme, pope" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def test_chat_takes_its_max_length_from_the_checkpoint(
     lmm_model, tiny_models, tmp_path, monkeypatch
 ):

@@ -44,6 +44,8 @@ def accepting_parts(chat_template: str) -> str:
     """A tokenizer's own chat template, preceded by a step that turns list content into the
     string it expects (such templates write ``message['content']`` as a string and fail on
     the parts list with ``TypeError: can only concatenate str (not "list") to str``)."""
+    if chat_template.startswith(_CONTENT_TEXT):  # already converted (an export of an import)
+        return chat_template
     return (
         _CONTENT_TEXT + "{%- set ns_parts = namespace(messages=[]) -%}"
         "{%- for message in messages -%}"

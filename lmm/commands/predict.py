@@ -152,6 +152,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    suffixes = ckpt.conventions.answer_suffixes
+    if args.answer_suffix not in (None, "none") and args.answer_suffix not in suffixes:
+        known = ", ".join(sorted(suffixes)) or "none"
+        print(
+            f"error: --answer-suffix {args.answer_suffix!r}: the checkpoint records answer suffixes for: {known}",
+            file=sys.stderr,
+        )
+        return 2
     predictor = Predictor.from_checkpoint(ckpt, args.batch_size, **generation_overrides(args))
     folder = Path(args.image_folder) if args.image_folder else Path(args.questions).parent
     started = time.perf_counter()

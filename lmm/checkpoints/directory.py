@@ -269,7 +269,7 @@ def read_info(path: str | os.PathLike, option: str = "--ckpt") -> dict[str, Any]
     return info
 
 
-def _resolve(root: Path, name_or_path: str) -> str:
+def resolve_part(root: Path, name_or_path: str) -> str:
     """Part paths inside the directory are stored relative to it."""
     local = root / name_or_path
     return str(local) if local.exists() else name_or_path
@@ -286,9 +286,11 @@ def load_checkpoint_dir(
     info = read_info(root, option)
     m = info["model"]
     vision = VisionConfig(
-        **{**m["vision"], "name_or_path": _resolve(root, m["vision"]["name_or_path"])}
+        **{**m["vision"], "name_or_path": resolve_part(root, m["vision"]["name_or_path"])}
     )
-    llm = LanguageConfig(**{**m["llm"], "name_or_path": _resolve(root, m["llm"]["name_or_path"])})
+    llm = LanguageConfig(
+        **{**m["llm"], "name_or_path": resolve_part(root, m["llm"]["name_or_path"])}
+    )
     model = LMM(vision, llm, m["connector"], dtype=dtype)
     if m.get("weights"):
         load_weights(model, root / m["weights"])
@@ -325,8 +327,8 @@ def fit_config(path: str | os.PathLike) -> dict[str, Any]:
     root = Path(path).resolve()
     info = read_info(root)
     m, data = info["model"], info.get("data", {})
-    vision = {**m["vision"], "name_or_path": _resolve(root, m["vision"]["name_or_path"])}
-    llm = {**m["llm"], "name_or_path": _resolve(root, m["llm"]["name_or_path"])}
+    vision = {**m["vision"], "name_or_path": resolve_part(root, m["vision"]["name_or_path"])}
+    llm = {**m["llm"], "name_or_path": resolve_part(root, m["llm"]["name_or_path"])}
     model: dict[str, Any] = {"vision": vision, "llm": llm, "connector": m["connector"]}
     if m.get("weights"):
         model["init_from"] = str(root / m["weights"])

@@ -40,10 +40,10 @@ from torch import nn
 from lmm.checkpoints.chat_template import chat_template_for
 from lmm.checkpoints.directory import (
     Checkpoint,
-    _resolve,
     complete_vision_state,
     image_processor_for,
     plain_state,
+    resolve_part,
 )
 from lmm.checkpoints.formats.common import PROMPTING_FILE, prompting_record
 from lmm.checkpoints.hf_files import make_portable, write_hub_weights
@@ -111,7 +111,7 @@ def _saved_tower(ckpt, tower) -> Optional[nn.Module]:
     entry = (getattr(ckpt, "info", None) or {}).get("model", {}).get("vision", {})
     if path is None or not entry.get("name_or_path"):
         return None
-    folder = Path(_resolve(Path(path), entry["name_or_path"]))
+    folder = Path(resolve_part(Path(path), entry["name_or_path"]))
     if not (folder / "config.json").is_file():
         return None
     return type(tower).from_pretrained(folder, dtype=next(tower.parameters()).dtype)

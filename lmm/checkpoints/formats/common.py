@@ -150,8 +150,11 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     index), ``pytorch_model.bin`` or its shards (with their index; loaded weights-only)."""
     from safetensors.torch import load_file
 
+    def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(path))
+
     for index_name, loader in (
-        ("model.safetensors.index.json", load_file),
+        ("model.safetensors.index.json", load_safetensors),
         ("pytorch_model.bin.index.json", _load_bin),
     ):
         index = folder / index_name
@@ -163,9 +166,7 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
             for name in files:
                 if not (folder / name).is_file():
                     raise ImportFormatError(f"{index} lists {name}, which is not in {folder}")
-                state.update(
-                    loader(str(folder / name)) if loader is load_file else loader(folder / name)
-                )
+                state.update(loader(folder / name))
             return state
     if (folder / "model.safetensors").is_file():
         return load_file(str(folder / "model.safetensors"))

@@ -44,7 +44,7 @@ def load_model(ckpt: str | None, device: str) -> tuple[Predictor, str]:
     path = Path(ckpt) if ckpt else (TINY_CKPT if (TINY_CKPT / "lmm.json").is_file() else None)
     if path is not None:
         c = load_checkpoint_dir(path, device=device)
-        return Predictor(c.model, c.template, c.generation, c.max_length), f"checkpoint {path}"
+        return Predictor.from_checkpoint(c), f"checkpoint {path}"
     from lmm.data.templates import get_template
     from lmm.model.language import LanguageConfig
     from lmm.model.lmm import LMM

@@ -40,6 +40,10 @@ EXTRA_COMMANDS = {
         "lmm.commands.export:main",
         "write a checkpoint directory as a Hugging Face LLaVA model (--ckpt DIR --out DIR)",
     ),
+    "import": (
+        "lmm.commands.import_:main",
+        "write a released model (llava_hf, llava_onevision_hf, llava, tinyllava) as a checkpoint directory",
+    ),
     "checkpoint": (
         "lmm.commands.checkpoint:main",
         "write a checkpoint directory from a config + weights (--config X --out DIR)",

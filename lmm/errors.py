@@ -93,5 +93,10 @@ class ExportError(ValueError):
     """The checkpoint has a part the Hugging Face LLaVA format cannot express."""
 
 
+class ImportFormatError(ValueError):
+    """A released model's files cannot become an lmm checkpoint directory (the message names the
+    file or field and what to do)."""
+
+
 class AnnotationError(ValueError):
     """An annotation file exists but does not have the expected format."""

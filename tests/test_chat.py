@@ -269,7 +269,7 @@ def test_predict_errors_name_the_file(tmp_path, capsys):
 # -- registration --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["chat", "predict", "export", "checkpoint"])
+@pytest.mark.parametrize("command", ["chat", "predict", "export", "checkpoint", "import"])
 def test_commands_are_registered_with_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         lmm_main([command, "--help"])

@@ -46,6 +46,7 @@ ALL_COMMANDS = [
     "chat",
     "export",
     "checkpoint",
+    "import",
 ]
 
 

@@ -13,8 +13,9 @@ import torch
 from conftest import TINY_SPEC
 from PIL import Image
 
+from lmm.checkpoints.chat_template import chat_template_for
 from lmm.checkpoints.directory import load_checkpoint_dir, save_checkpoint_dir
-from lmm.checkpoints.hf_export import chat_template_for, export_llava
+from lmm.checkpoints.hf_export import export_llava
 from lmm.commands.export import main as export_main
 from lmm.data.templates import Turn, get_template
 from lmm.errors import CheckpointError, ExportError
@@ -93,7 +94,16 @@ def test_checkpoint_dir_round_trip(tiny_models, tmp_path):
         info["model"]["vision"]["name_or_path"] == "vision"
         and info["model"]["vision"]["feature_layer"] == -1
     )
-    assert info["data"] == {"template": "vicuna", "system_prompt": "A chat.", "max_length": 128}
+    assert info["data"] == {
+        "template": "vicuna",
+        "system_prompt": "A chat.",
+        "max_length": 128,
+        # Prompt conventions (lmm.data.prompts): what this model was trained and is asked with.
+        "image_placement": "as_written",
+        "tokenization": "single_pass",
+        "image_position": "before",
+        "answer_suffixes": {},
+    }
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
         "llm",
         "lmm.json",
@@ -266,26 +276,47 @@ def test_chat_template_text_is_exactly_the_family_format(tokenizer, name):
     )
 
 
-def test_tokenizer_template_exports_the_tokenizers_own_chat_template(tmp_path):
+@pytest.mark.parametrize("family", ["gemma", "qwen2"])
+def test_tokenizer_template_exports_the_tokenizers_own_chat_template(tmp_path, family):
+    """The family's own chat template, made to take the standard message form: content as a
+    list of image/text parts (the original treats content as a string: Qwen2's raises
+    ``TypeError: can only concatenate str (not "list") to str``)."""
     from lmm.model.language import LanguageConfig, load_tokenizer
     from lmm.standins.llm import build_llm
 
-    tok = load_tokenizer(LanguageConfig(name_or_path=str(build_llm("gemma", tmp_path / "gemma"))))
+    tok = load_tokenizer(LanguageConfig(name_or_path=str(build_llm(family, tmp_path / family))))
     own = tok.chat_template
-    assert own and "<start_of_turn>" in own
+    assert own
     template = get_template("tokenizer")
-    assert chat_template_for(template, tok) == own
-    assert chat_template_for(template.bind(tok), tok) == own
-    # What the export writes renders like lmm's bound template (bos aside: the tokenizer adds it).
+    exported = chat_template_for(template, tok)
+    assert exported == chat_template_for(template.bind(tok), tok) and exported.endswith(own)
+    tok.chat_template = exported  # exporting again (an import of this export) changes nothing
+    assert chat_template_for(template, tok) == exported
+    tok.chat_template = own
     turns = [
         Turn("user", "<image>\nWhat is it?"),
         Turn("assistant", "A red circle."),
         Turn("user", "Where?"),
     ]
-    messages = [{"role": t.role, "content": t.text} for t in turns]
+    strings = [{"role": t.role, "content": t.text} for t in turns]
+    parts = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+        {"role": "user", "content": "Where?"},
+    ]
+    rendered_own = tok.apply_chat_template(strings, tokenize=False, add_generation_prompt=True)
+    try:  # ChatML concatenates and raises; Gemma's `| trim` writes the list's repr
+        broken = tok.apply_chat_template(parts, tokenize=False, add_generation_prompt=True)
+    except TypeError as err:
+        broken = str(err)
+    assert broken != rendered_own
+    tok.chat_template = exported
+    for messages in (strings, parts):
+        rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert rendered == rendered_own
+    # ... which is what lmm's bound template renders (bos aside: the tokenizer adds it).
     expected, _ = template.bind(tok).render(turns, tok.eos_token, add_generation_prompt=True)
-    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered.removeprefix(tok.bos_token) == expected
+    assert rendered_own.removeprefix(tok.bos_token or "") == expected
     tok.chat_template = None
     with pytest.raises(ExportError, match="the tokenizer has no chat template"):
         chat_template_for(template, tok)
@@ -316,12 +347,12 @@ def test_export_loads_in_transformers_without_missing_or_unexpected_keys(exporte
     hf, report = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert {k: v for k, v in report.items() if v} == {}, report
     cfg = hf.config
-    assert cfg.vision_feature_layer == -1
+    # lmm's kept layers (1 of 2 at feature layer -2) plus an identity layer, read at -2
+    # (hidden_states[-1] means another thing in transformers 4.5x: test_export_portable).
+    assert cfg.vision_feature_layer == -2
     assert cfg.vision_feature_select_strategy == ("default" if tower == "clip" else "full")
     assert cfg.image_token_id == ckpt.model.image_token_id
-    assert cfg.vision_config.num_hidden_layers == (
-        1 if feature_layer == -2 else 2
-    )  # truncated like lmm's tower
+    assert cfg.vision_config.num_hidden_layers == (1 if feature_layer == -2 else 2) + 1
     assert cfg.projector_hidden_act == (
         "linear" if ckpt.info["model"]["connector"] == "linear" else "gelu"
     )
@@ -427,6 +458,8 @@ def test_fit_writes_checkpoint_dir_and_checkpoint_command_rebuilds_it(
         train=[f"{root}/pretrain/shard-*.tar"],
         template="vicuna",
         system_prompt="Hi.",
+        image_position="after",
+        answer_suffixes={"pope": "\nOne word."},
         batch_size=4,
         num_workers=0,
     )
@@ -438,6 +471,9 @@ def test_fit_writes_checkpoint_dir_and_checkpoint_command_rebuilds_it(
 
     from_fit = load_checkpoint_dir(tmp_path / "ckpt")
     assert from_fit.template.name == "vicuna" and from_fit.template.system == "Hi."
+    # The DataModule's prompt conventions, so predict / chat / lmms-eval ask as it trained.
+    assert from_fit.conventions.image_position == "after"
+    assert from_fit.conventions.answer_suffixes == {"pope": "\nOne word."}
     assert (
         from_fit.generation.max_new_tokens == 5 and from_fit.max_length == cfg["data"]["max_length"]
     )
@@ -455,6 +491,6 @@ def test_fit_writes_checkpoint_dir_and_checkpoint_command_rebuilds_it(
     ]
     assert checkpoint_main(args) == 0
     again = load_checkpoint_dir(tmp_path / "again")
-    assert again.template == from_fit.template
+    assert again.template == from_fit.template and again.conventions == from_fit.conventions
     for k, v in again.model.state_dict().items():
         assert torch.equal(v, trained[k]), k

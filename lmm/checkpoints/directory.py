@@ -4,9 +4,11 @@ adapter need to rebuild a trained model, in one self-contained folder.
 ```
 DIR/
   lmm.json              what to build: parts, connector, template, system prompt, max_length,
-                        generation defaults, image spec (plain JSON, human-readable)
+                        prompt conventions (``lmm.data.prompts``), generation defaults, image
+                        spec (plain JSON, human-readable)
   vision/               the tower as trained (transformers ``save_pretrained``; layers after
-                        feature_layer already removed, so it loads with feature_layer=-1)
+                        feature_layer already removed, so it loads with feature_layer=-1; an
+                        imported tower is kept whole and lmm.json names its feature_layer)
                         + preprocessor_config.json (size, mean, std)
   llm/                  the language model as trained + its tokenizer (``<image>`` included)
   weights.safetensors   every other trained tensor (the connector; a non-transformers tower),
@@ -16,8 +18,9 @@ DIR/
 
 The parts load through the same ``from_pretrained`` path as a hub name (no pickle anywhere),
 and nothing outside DIR is read for ``hf`` towers, so the folder can be copied to another
-machine. It is written when a fit ends with ``model.save_checkpoint_dir`` set, or from a
-config plus a weights file with ``python -m lmm checkpoint --config X.yaml --out DIR``.
+machine. It is written when a fit ends with ``model.save_checkpoint_dir`` set, from a
+config plus a weights file with ``python -m lmm checkpoint --config X.yaml --out DIR``, or
+from a released model with ``python -m lmm import`` (``lmm.checkpoints.formats``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 
 from lmm.checkpoints.weights import load_weights, save_weights
 from lmm.constants import IMAGE_TOKEN
+from lmm.data.prompts import PromptConventions
 from lmm.data.templates import Template, get_template
 from lmm.errors import CheckpointError
 from lmm.model.language import LanguageConfig
@@ -57,6 +61,7 @@ class Checkpoint:
     max_length: int
     path: Path
     info: dict[str, Any]
+    conventions: PromptConventions = PromptConventions()
 
     @property
     def name(self) -> str:
@@ -167,9 +172,16 @@ def save_checkpoint_dir(
     template: Template,
     max_length: int,
     generation: GenerationConfig = GenerationConfig(),
+    conventions: PromptConventions = PromptConventions(),
+    source: dict[str, Any] | None = None,
+    parts_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` (as built from ``vision``/``llm``/``connector``: a name, a dict or a
     ``ConnectorConfig``) to ``out_dir``.
+
+    ``parts_dir``: a folder already holding ``vision/`` (the whole tower, read at
+    ``vision.feature_layer``) and ``llm/`` for exactly this model, as the importer writes them;
+    they are moved in rather than written again. ``source`` replaces the recorded origin.
 
     The directory is written next to its final place and renamed at the end, so a crash
     never leaves a half-written checkpoint under the final name.
@@ -182,7 +194,11 @@ def save_checkpoint_dir(
     holder = nn.Module()  # what goes to weights.safetensors, under the LMM's own key names
     holder.connector = model.connector
     tower = _hf_model(model.vision)
-    if vision.kind == "hf" and tower is not None:
+    if parts_dir is not None:
+        for part in ("vision", "llm"):
+            shutil.move(str(Path(parts_dir) / part), str(tmp / part))
+        vision_entry = {**asdict(vision), "name_or_path": "vision"}
+    elif vision.kind == "hf" and tower is not None:
         tower.save_pretrained(tmp / "vision", state_dict=complete_vision_state(tower))
         image_processor_for(model.vision.image_spec).save_pretrained(tmp / "vision")
         # The saved tower ends at the feature layer, so the last hidden state is the feature.
@@ -190,9 +206,10 @@ def save_checkpoint_dir(
     else:
         holder.vision = model.vision  # rebuilt from its original source, then overwritten
         vision_entry = asdict(vision)
-    # LoRA adapters are merged: the directory holds plain models any loader reads.
-    model.llm.save_pretrained(tmp / "llm", state_dict=plain_state(model.llm))
-    model.tokenizer.save_pretrained(tmp / "llm")
+    if parts_dir is None:
+        # LoRA adapters are merged: the directory holds plain models any loader reads.
+        model.llm.save_pretrained(tmp / "llm", state_dict=plain_state(model.llm))
+        model.tokenizer.save_pretrained(tmp / "llm")
     save_weights(holder, tmp / WEIGHTS_FILE)
 
     spec = model.vision.image_spec
@@ -209,6 +226,7 @@ def save_checkpoint_dir(
             "template": template.name,
             "system_prompt": template.system,
             "max_length": max_length,
+            **conventions.to_info(),
         },
         "generation": asdict(generation),
         "image": {
@@ -219,7 +237,7 @@ def save_checkpoint_dir(
         },
         "num_image_tokens": model.num_image_tokens,
         "image_token": IMAGE_TOKEN,
-        "source": {"vision": asdict(vision), "llm": asdict(llm)},
+        "source": source or {"vision": asdict(vision), "llm": asdict(llm)},
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     if out.exists():
@@ -259,7 +277,7 @@ def read_info(path: str | os.PathLike, option: str = "--ckpt") -> dict[str, Any]
     return info
 
 
-def _resolve(root: Path, name_or_path: str) -> str:
+def resolve_part(root: Path, name_or_path: str) -> str:
     """Part paths inside the directory are stored relative to it."""
     local = root / name_or_path
     return str(local) if local.exists() else name_or_path
@@ -276,9 +294,11 @@ def load_checkpoint_dir(
     info = read_info(root, option)
     m = info["model"]
     vision = VisionConfig(
-        **{**m["vision"], "name_or_path": _resolve(root, m["vision"]["name_or_path"])}
+        **{**m["vision"], "name_or_path": resolve_part(root, m["vision"]["name_or_path"])}
     )
-    llm = LanguageConfig(**{**m["llm"], "name_or_path": _resolve(root, m["llm"]["name_or_path"])})
+    llm = LanguageConfig(
+        **{**m["llm"], "name_or_path": resolve_part(root, m["llm"]["name_or_path"])}
+    )
     model = LMM(vision, llm, m["connector"], dtype=dtype)
     if m.get("weights"):
         load_weights(model, root / m["weights"])
@@ -296,7 +316,37 @@ def load_checkpoint_dir(
     model.eval()
     if device is not None:
         model.to(device)
-    return Checkpoint(model, template, generation, int(data.get("max_length", 2048)), root, info)
+    return Checkpoint(
+        model,
+        template,
+        generation,
+        int(data.get("max_length", 2048)),
+        root,
+        info,
+        PromptConventions.from_info(data),
+    )
 
 
-# -- `python -m lmm checkpoint` ------------------------------------------------------------------
+def fit_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``model`` and ``data`` config sections that rebuild this checkpoint in a LightningCLI
+    run (``fit``, ``test``): its parts, connector, weights (``model.init_from``), template and
+    prompt conventions, with absolute paths. Training options (freeze, optim, data.train)
+    are the caller's."""
+    root = Path(path).resolve()
+    info = read_info(root)
+    m, data = info["model"], info.get("data", {})
+    vision = {**m["vision"], "name_or_path": resolve_part(root, m["vision"]["name_or_path"])}
+    llm = {**m["llm"], "name_or_path": resolve_part(root, m["llm"]["name_or_path"])}
+    model: dict[str, Any] = {"vision": vision, "llm": llm, "connector": m["connector"]}
+    if m.get("weights"):
+        model["init_from"] = str(root / m["weights"])
+    conventions = PromptConventions.from_info(data).to_info()
+    return {
+        "model": {**model, "generation": info.get("generation", {})},
+        "data": {
+            "template": data.get("template", "plain"),
+            "system_prompt": data.get("system_prompt"),
+            "max_length": int(data.get("max_length", 2048)),
+            **conventions,
+        },
+    }

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length",
         type=int,
         default=None,
-        help="longest conversation in tokens (default: the LM's context minus max-new-tokens)",
+        help="longest conversation in tokens (default: the checkpoint's max_length, as predict)",
     )
     add_generation_options(parser)
     return parser
@@ -46,10 +46,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     predictor = Predictor.from_checkpoint(ckpt, batch_size=1, **generation_overrides(args))
-    context = getattr(ckpt.model.llm.config, "max_position_embeddings", None) or 2048
-    predictor.encoder.max_length = args.max_length or max(
-        1, context - predictor.generation.max_new_tokens
-    )
+    if args.max_length is not None:
+        predictor.encoder.max_length = args.max_length
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"({HELP})", file=sys.stderr)

@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--model.init_from artifacts/tiny/finetune.safetensors --out artifacts/tiny/finetune\n"
             "Every option besides --out is passed to the LightningCLI (as for `python -m lmm test`): the "
             "model section says what to build and which weights to load (model.init_from), the data section "
-            "gives the template, system prompt and max_length."
+            "gives the template, system prompt, max_length and prompt conventions (image_placement, "
+            "tokenization, image_position)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         template=dm.template,
         max_length=dm.max_length,
         generation=module.gen_cfg,
+        conventions=dm.prompt_conventions(),
     )
     print(f"Wrote lmm checkpoint directory {out}")
     return 0

@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default=None, help="subset to score (pope, scienceqa_img), as in lmm score"
     )
     scoring.add_argument(
+        "--answer-suffix",
+        default=None,
+        metavar="BENCHMARK|none",
+        help="append this benchmark's answer instruction, as the checkpoint records the reference's "
+        "(e.g. LLaVA-1.5's '\\nAnswer the question using a single word or phrase.' for pope), to every "
+        "question that does not end with it already; default: --benchmark's; 'none': ask as written",
+    )
+    scoring.add_argument(
         "--tensorboard",
         default=None,
         metavar="DIR",
@@ -189,6 +197,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    suffixes = ckpt.conventions.answer_suffixes
+    if args.answer_suffix not in (None, "none") and args.answer_suffix not in suffixes:
+        known = ", ".join(sorted(suffixes)) or "none"
+        print(
+            f"error: --answer-suffix {args.answer_suffix!r}: the checkpoint records answer suffixes for: {known}",
+            file=sys.stderr,
+        )
+        return 2
     predictor = Predictor.from_checkpoint(ckpt, args.batch_size, **generation_overrides(args))
     if fixed is not None:
         try:  # a fixed set that cannot be scored fails here, before any question is answered
@@ -207,6 +223,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         world,
         progress=sys.stderr.isatty(),
         candidates=candidates,
+        answer_suffix=None
+        if args.answer_suffix == "none"
+        else args.answer_suffix or args.benchmark,
     )
     records = gather_in_order(records)
     status = 0

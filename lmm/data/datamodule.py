@@ -16,6 +16,7 @@ from lmm.data.image import DEFAULT_MAX_IMAGE_PIXELS
 from lmm.data.mixing import MixIndex, ShardSet, as_shard_sets, describe_mix
 from lmm.data.packing import pack
 from lmm.data.placement import ImagePlacement
+from lmm.data.prompts import PromptConventions
 from lmm.data.quality import BadSampleMonitor
 from lmm.data.shards import (
     PlannedStream,
@@ -118,6 +119,15 @@ class LMMDataModule(L.LightningDataModule):
             an image with ``▁``) or ``single_pass`` (the whole text at once). Byte-level BPE
             tokenizers (Phi-2, Qwen2) give the same ids both ways. See
             ``lmm.data.tokenization``.
+        image_position: Where the images of a bare question go when a prompt is built outside
+            the shards (``predict``, ``chat``, the lmms-eval adapter read it from the checkpoint
+            directory this run writes): ``before`` (LLaVA's ``<image>\\nquestion``) or ``after``
+            (``question\\n<image>``). Set it to where the training data put the image; the
+            shards' own samples are encoded as they are written.
+        answer_suffixes: Per benchmark (``lmm score`` names), the answer instruction the
+            reference appends to each question, e.g. ``{pope: "\\nAnswer the question using a
+            single word or phrase."}``; recorded in the checkpoint directory, where
+            ``predict --benchmark`` reads it. An imported model brings its reference's.
         max_length: Token budget per sample after ``<image>`` expansion.
         batch_size: Training samples per batch and device.
         eval_batch_size: Prompts per generation batch.
@@ -161,6 +171,8 @@ class LMMDataModule(L.LightningDataModule):
         system_prompt: Optional[str] = None,
         image_placement: ImagePlacement = "llava",
         tokenization: Tokenization = "chunked",
+        image_position: str = "before",
+        answer_suffixes: Optional[dict[str, str]] = None,
         max_length: int = 512,
         batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -187,6 +199,9 @@ class LMMDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.image_placement = image_placement
         self.tokenization = tokenization
+        self.image_position = image_position
+        self.answer_suffixes = dict(answer_suffixes or {})
+        self.prompt_conventions()  # validates image_position now, not when the run ends
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -224,6 +239,12 @@ class LMMDataModule(L.LightningDataModule):
         self._pending: Optional[dict] = None  # a loaded position not yet applied
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def prompt_conventions(self) -> PromptConventions:
+        """What a checkpoint directory written from this run records about its prompts."""
+        return PromptConventions(
+            self.image_placement, self.tokenization, self.image_position, self.answer_suffixes
+        )
 
     def _encoder(self) -> SampleEncoder:
         if self.processor is None:

@@ -20,8 +20,9 @@ own options. Under ``accelerate launch`` / ``torchrun`` each process uses ``cuda
 and lmms-eval splits and gathers the requests.
 
 Requests are answered like ``lmm predict`` answers a question file: the checkpoint's
-conversation template, ``<image>\\n`` before the question for each image the task's
-``doc_to_visual`` gives (unless the text places ``<image>`` itself), batched generation with
+conversation template and prompt conventions, one ``<image>`` per image the task's
+``doc_to_visual`` gives, before or after the question as the checkpoint's ``image_position``
+says (unless the text places ``<image>`` itself), batched generation with
 left padding and the KV cache. ``generate_until`` honours the task's ``until`` strings,
 ``max_new_tokens``, ``temperature`` (> 0 samples), ``top_p`` and ``do_sample``;
 ``num_beams`` > 1 is not supported (greedy is used, with a warning). ``loglikelihood``
@@ -233,7 +234,6 @@ class LMMEvalModel(_LMMSBase):
         """``(-sum log p(continuation | prompt), greedy)`` for ``(context, doc_to_target,
         doc_to_visual, doc_id, task, split)`` requests (see the module docstring)."""
         from lmm.inference.likelihood import continuation_scores
-        from lmm.inference.predictor import user_turn
 
         prompts, conts = [], []
         for req in requests:
@@ -244,7 +244,12 @@ class LMMEvalModel(_LMMSBase):
                 else doc_to_target(self._doc(task, split, doc_id))
             )
             images = self._visuals(doc_to_visual, task, split, doc_id)
-            turns = [{"from": "human", "value": user_turn(context, len(images))}]
+            turns = [
+                {
+                    "from": "human",
+                    "value": self.predictor.conventions.question_turn(context, len(images)),
+                }
+            ]
             prompts.append(self.predictor.encode(turns, images, f"{task}/{doc_id}"))
             conts.append(self._continuation_ids(turns, str(target)))
             if not conts[-1]:
@@ -275,9 +280,16 @@ def register() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m lmm.eval.lmms_eval_model ARGS``: lmms-eval's command line with ``--model lmm`` registered."""
+    """``python -m lmm.eval.lmms_eval_model ARGS``: lmms-eval's command line with ``--model lmm``
+    registered; exits 1 when an evaluation failed.
+
+    lmms-eval's ``cli_evaluate`` catches every exception of an evaluation, prints it and returns
+    normally (unless ``--verbosity DEBUG``), so a failed run would exit 0. The per-configuration
+    function it calls, ``cli_evaluate_single``, is wrapped here to see each evaluation's outcome
+    (an exception, or no results on rank 0); lmms-eval's own output (tables, logs) is unchanged.
+    """
     try:
-        from lmms_eval.__main__ import cli_evaluate
+        import lmms_eval.__main__ as lmms_main
     except ImportError as err:
         print(
             f"error: lmms-eval or one of its dependencies is missing ({err}); pip install lmms-eval",
@@ -286,7 +298,40 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     register()
     sys.argv = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
-    cli_evaluate()
+    failures: list[str] = []
+    single = lmms_main.cli_evaluate_single
+
+    def watched(args, *rest, **kwargs):
+        if getattr(args, "tasks", None) is None:
+            failures.append("no --tasks given")  # lmms-eval logs it and exits with status 0
+        try:
+            out = single(args, *rest, **kwargs)
+        except Exception as err:
+            failures.append(f"{type(err).__name__}: {err}")
+            raise
+        results = out[0] if isinstance(out, tuple) else out
+        if results is None and int(os.environ.get("RANK", "0")) == 0:
+            failures.append("the evaluation returned no results")
+        return out
+
+    lmms_main.cli_evaluate_single = watched
+    try:
+        lmms_main.cli_evaluate()
+    except SystemExit as stop:  # lmms-eval's own exits (--tasks list, missing arguments)
+        if failures or stop.code not in (None, 0):
+            print(
+                f"error: lmms-eval did not evaluate: {'; '.join(failures) or stop.code}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    finally:
+        lmms_main.cli_evaluate_single = single
+    if failures:
+        print(
+            f"error: {len(failures)} evaluation(s) failed: {'; '.join(failures)}", file=sys.stderr
+        )
+        return 1
     return 0
 
 

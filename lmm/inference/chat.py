@@ -2,7 +2,8 @@
 
 Each line read from stdin is a user turn; the answer is printed on its own line. The whole
 conversation is re-rendered with the checkpoint's template every turn (the image goes in the
-first user turn, as in training), so the model sees exactly the format it was trained on.
+first user turn, before or after the question as the checkpoint's ``image_position`` says), so
+the model sees exactly the format it was trained on.
 
 Commands: ``/image FILE`` switches to another image and starts a new conversation,
 ``/reset`` starts over with the same image, ``/help`` lists these, ``/quit`` or end of input
@@ -16,8 +17,9 @@ from typing import Optional, TextIO
 
 from PIL import Image
 
+from lmm.data.prompts import PromptConventions
 from lmm.errors import SampleError
-from lmm.inference.predictor import Predictor, user_turn
+from lmm.inference.predictor import Predictor
 
 HELP = "commands: /image FILE (new image, new conversation), /reset, /help, /quit (or end of input)"
 
@@ -41,9 +43,11 @@ class Conversation:
     image: Optional[Image.Image] = None
     turns: list[dict] = field(default_factory=list)
 
-    def with_question(self, text: str) -> list[dict]:
+    def with_question(self, text: str, conventions: PromptConventions) -> list[dict]:
+        """The turns plus a new question; the first one carries the image, placed as the
+        checkpoint's ``image_position`` says."""
         first = not self.turns
-        value = user_turn(text, 1) if first and self.image is not None else text
+        value = conventions.question_turn(text, 1) if first and self.image is not None else text
         return self.turns + [{"from": "human", "value": value}]
 
     @property
@@ -100,7 +104,7 @@ def chat_loop(
             else:
                 print(f"(unknown command {command!r}; {HELP})", file=err, flush=True)
             continue
-        turns = conv.with_question(text)
+        turns = conv.with_question(text, predictor.conventions)
         try:
             sample = predictor.encode(turns, conv.images)
         except SampleError as exc:

@@ -32,25 +32,15 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from PIL import Image
 
-from lmm.constants import IMAGE_TOKEN
 from lmm.data.collate import collate
 from lmm.data.encode import Processor, SampleEncoder
+from lmm.data.prompts import PromptConventions
 from lmm.data.templates import Template, stop_token_ids
 from lmm.errors import SampleError
 from lmm.inference.likelihood import Candidates, candidate_probs, candidates_for
 from lmm.model.lmm import LMM, GenerationConfig
 
-# -- ordering across ranks -------------------------------------------------------------------
-
-
 # -- prompts and generation ----------------------------------------------------------------------
-
-
-def user_turn(text: str, n_images: int) -> str:
-    """LLaVA's convention: ``<image>\\n`` before the question unless the text places it."""
-    if n_images and IMAGE_TOKEN not in text:
-        return (IMAGE_TOKEN + "\n") * n_images + text
-    return text
 
 
 class Predictor:
@@ -62,6 +52,8 @@ class Predictor:
         generation: Default decoding settings.
         max_length: Longest prompt in tokens (after ``<image>`` expansion).
         batch_size: Prompts per generation batch.
+        conventions: How the model was trained to be asked (``<image>`` placement and position,
+            tokenization, answer suffixes); the checkpoint's, so prompts match training.
     """
 
     def __init__(
@@ -71,10 +63,12 @@ class Predictor:
         generation: GenerationConfig = GenerationConfig(),
         max_length: int = 2048,
         batch_size: int = 16,
+        conventions: PromptConventions = PromptConventions(),
     ) -> None:
         self.model = model
         self.generation = generation
         self.batch_size = batch_size
+        self.conventions = conventions
         tok = model.tokenizer
         processor = Processor(
             tok,
@@ -83,7 +77,13 @@ class Predictor:
             model.image_token_id,
             model.image_layout,
         )
-        self.encoder = SampleEncoder(processor, template, max_length)
+        self.encoder = SampleEncoder(
+            processor,
+            template,
+            max_length,
+            image_placement=conventions.image_placement,
+            tokenization=conventions.tokenization,
+        )
         self.template = self.encoder.template  # bound to the tokenizer
         self.stop_ids = stop_token_ids(tok, self.template)
         self._candidates: dict[tuple[str, ...], Candidates] = {}
@@ -92,7 +92,7 @@ class Predictor:
     def from_checkpoint(cls, ckpt, batch_size: int = 16, **generation: Any) -> "Predictor":
         """From a loaded :class:`lmm.checkpoints.directory.Checkpoint`; ``generation`` overrides its defaults."""
         gen = replace(ckpt.generation, **{k: v for k, v in generation.items() if v is not None})
-        return cls(ckpt.model, ckpt.template, gen, ckpt.max_length, batch_size)
+        return cls(ckpt.model, ckpt.template, gen, ckpt.max_length, batch_size, ckpt.conventions)
 
     @property
     def device(self) -> torch.device:
@@ -112,9 +112,11 @@ class Predictor:
     def encode_question(
         self, text: str, images: Sequence[Image.Image], sample_id: str = "prompt"
     ) -> dict:
-        """A single question (LLaVA's ``<image>\\n`` placement) -> prompt sample."""
+        """A single question (its images placed by ``conventions.image_position``) -> prompt sample."""
         return self.encode(
-            [{"from": "human", "value": user_turn(text, len(images))}], images, sample_id
+            [{"from": "human", "value": self.conventions.question_turn(text, len(images))}],
+            images,
+            sample_id,
         )
 
     @torch.no_grad()
@@ -247,12 +249,16 @@ def answer_questions(
     world_size: int = 1,
     progress: bool = False,
     candidates: Optional[Callable[[dict], Sequence[str]]] = None,
+    answer_suffix: Optional[str] = None,
 ) -> list[dict]:
     """LLaVA-style answer records for this rank's share of ``questions`` (tagged with ``order``).
 
     With ``candidates`` (question -> its candidate answers) the questions are scored by
     likelihood instead of generation: ``text`` is the most likely candidate and ``probs``
     holds every candidate's probability, renormalised over them.
+
+    ``answer_suffix``: a benchmark name whose answer instruction (the checkpoint's
+    ``answer_suffixes``) is appended to every question, as the reference evaluates it.
 
     A question that cannot be answered (missing image, prompt over max_length, no candidates)
     gets an empty answer and an ``error`` field instead of stopping the run.
@@ -264,13 +270,17 @@ def answer_questions(
     for start in range(0, len(mine), step):
         chunk = mine[start : start + step]
         samples, ok, errors, labels = [], [], {}, []
+        asked = {
+            i: predictor.conventions.with_answer_suffix(questions[i]["text"], answer_suffix)
+            for i in chunk
+        }
         for i in chunk:
             q = questions[i]
             try:
                 if candidates is not None:
                     labels.append(tuple(candidates(q)))
                 images = [_load_image(image_folder, q["image"])] if q.get("image") else []
-                samples.append(predictor.encode_question(q["text"], images, str(q["question_id"])))
+                samples.append(predictor.encode_question(asked[i], images, str(q["question_id"])))
                 ok.append(i)
             except (SampleError, ValueError) as err:
                 errors[i] = str(err)
@@ -286,7 +296,7 @@ def answer_questions(
             rec = {
                 "order": i,
                 "question_id": q["question_id"],
-                "prompt": q["text"],
+                "prompt": asked[i],
                 "text": answers.get(i, ""),
                 "answer_id": uuid.uuid4().hex[:22],
                 "model_id": model_id,

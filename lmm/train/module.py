@@ -414,6 +414,7 @@ class LMMModule(L.LightningModule):
             template=template,
             max_length=dm.max_length,
             generation=self.gen_cfg,
+            conventions=dm.prompt_conventions(),
         )
         self.print(f"Wrote lmm checkpoint directory {out} (python -m lmm chat --ckpt {out})")
 

@@ -94,7 +94,7 @@ def reference(tiny_models, tiny_world, tmp_path_factory) -> dict[str, torch.Tens
     return weights(cli)
 
 
-def start_fit(config: Path, log: Path) -> subprocess.Popen:
+def start_fit(config: Path, log: Path, *args: str) -> subprocess.Popen:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -106,7 +106,7 @@ def start_fit(config: Path, log: Path) -> subprocess.Popen:
     }
     with open(log, "wb") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "lmm", "fit", "--config", str(config)],
+            [sys.executable, "-m", "lmm", "fit", "--config", str(config), *args],
             cwd=config.parent,
             env=env,
             stdout=out,

@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes world (lmm.worlds.shapes.world) and its CLI."""
+"""Tests for the synthetic shapes world (lmm.worlds.shapes) and its CLI."""
 
 from __future__ import annotations
 

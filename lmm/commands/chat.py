@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         "| python -m lmm chat --ckpt DIR --image x.png",
     )
     parser.add_argument(
-        "--ckpt", required=True, help="lmm checkpoint directory (see lmm/checkpoint_dir.py)"
+        "--ckpt", required=True, help="lmm checkpoint directory (see lmm/checkpoints/directory.py)"
     )
     parser.add_argument(
         "--image", default=None, help="image to talk about (none: text-only conversation)"

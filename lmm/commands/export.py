@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "other parts stop with an error naming the part.",
     )
     parser.add_argument(
-        "--ckpt", required=True, help="lmm checkpoint directory (see lmm/checkpoint_dir.py)"
+        "--ckpt", required=True, help="lmm checkpoint directory (see lmm/checkpoints/directory.py)"
     )
     parser.add_argument("--out", required=True, help="output directory for the Hugging Face model")
     parser.add_argument(

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Under torchrun the questions are split over the processes and rank 0 writes them in file order.",
     )
     parser.add_argument(
-        "--ckpt", required=True, help="lmm checkpoint directory (see lmm/checkpoint_dir.py)"
+        "--ckpt", required=True, help="lmm checkpoint directory (see lmm/checkpoints/directory.py)"
     )
     parser.add_argument("--questions", required=True, help="question file (JSON lines)")
     parser.add_argument(

@@ -13,7 +13,7 @@ or from Python::
     simple_evaluate(model=LMMEvalModel(ckpt="artifacts/tiny/finetune", batch_size=16), tasks=["pope"])
 
 ``model_args`` (``key=value,...``): ``ckpt`` (required: an lmm checkpoint directory, see
-``lmm/checkpoint_dir.py``), ``dtype`` (``float32`` | ``bfloat16`` | ``float16``; default
+``lmm/checkpoints/directory.py``), ``dtype`` (``float32`` | ``bfloat16`` | ``float16``; default
 float32), ``max_new_tokens`` (used when a task gives none; default 128), ``max_length``
 (longest prompt; default the checkpoint's). ``--batch_size`` and ``--device`` are lmms-eval's
 own options. Under ``accelerate launch`` / ``torchrun`` each process uses ``cuda:LOCAL_RANK``

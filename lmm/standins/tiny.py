@@ -39,7 +39,7 @@ class TinySpec:
     # Four patches per cell of the shapes world's 3x3 grid. The tiny configs' pixel_shuffle
     # connector joins each cell's 2x2 patches into one LM token, so every object is still one
     # token that a question can find by attention. With one 16-px patch per cell, the tower
-    # learned colours but named barely half the shapes after stage 1 (see the README).
+    # learned colours but named barely half the shapes after stage 1 (see docs/experiments/tiny.md).
     patch_size: int = 8
     vision_width: int = 96
     vision_layers: int = 3

@@ -11,8 +11,8 @@ from lmm.worlds.shapes.config import WorldConfig
 # conversation only the first question is). Existence questions come in Yes/No pairs per
 # image, so neither the kind nor the image alone predicts the answer; rare kinds are less rare;
 # shape and position questions are weighted up. Captions group the objects by kind, so stage 1
-# already teaches which kinds are present and finding an object by its kind. README "What the
-# recipe's choices come from" has the runs.
+# already teaches which kinds are present and finding an object by its kind.
+# docs/experiments/tiny.md has the runs behind each choice.
 TINY_WORLD = WorldConfig(
     train_images=40000,
     size_range=(0.7, 0.9),

@@ -126,22 +126,21 @@ def fallback_advice(path: str | os.PathLike, sibling: Optional[tuple[Path, int]]
 def load_error(path: Any, err: Exception) -> Optional[Exception]:
     """The error to show for ``torch.load(path, weights_only=True)`` having raised ``err``: a
     :class:`CorruptCheckpointError` for damaged bytes, an :class:`UnsafeCheckpointError` for a
-    well-formed file holding pickled objects; None when the file is not to blame (e.g. missing)."""
+    well-formed file the weights-only unpickler refused; None when the file's bytes are not to
+    blame (missing, unreadable, or torch failing for another reason)."""
     if "://" in str(path) or not Path(path).is_file():
         return None
     try:
         damaged = damage(path)
     except OSError:
         return None  # unreadable for another reason (permissions): torch's error says it
+    if damaged is None and not isinstance(err, pickle.UnpicklingError):
+        return None  # well-formed: torch failed for another reason (memory, ...), its error says it
     sibling = loadable_sibling(path)
-    if damaged is None and isinstance(err, pickle.UnpicklingError):
-        unsafe = refusal(path, err)
-        if sibling is not None:
-            unsafe.args = (f"{unsafe} {fallback_advice(path, sibling)}",)
-        return unsafe
-    if damaged is None:  # well-formed, yet torch cannot read it (e.g. a record missing)
-        first = str(err).splitlines()[0] if str(err) else ""
-        damaged = f"torch cannot read it ({type(err).__name__}: {first})"
-    return CorruptCheckpointError(
-        f"{path}: corrupt checkpoint: {damaged}. {fallback_advice(path, sibling)}"
-    )
+    advice = fallback_advice(path, sibling)
+    if damaged is not None:
+        return CorruptCheckpointError(f"{path}: corrupt checkpoint: {damaged}. {advice}")
+    unsafe = refusal(path, err)
+    if sibling is not None:
+        unsafe.args = (f"{unsafe} {advice}",)
+    return unsafe

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
@@ -145,7 +145,9 @@ class LMMCLI(LightningCLI):
         # A run that ended well: the other ranks are finishing too.
         self._report_ranks(wait_for_child_ranks(getattr(self, "trainer", None), STOP_TIMEOUT_S, 0))
 
-    def _exit(self, message: str, status: int, timeout_s: float, expected: Optional[int] = None):
+    def _exit(
+        self, message: str, status: int, timeout_s: float, expected: Optional[int] = None
+    ) -> NoReturn:
         """Print ``message``, wait for the ranks this process started (lmm.train.ranks), exit."""
         trainer = getattr(self, "trainer", None)
         hold_child_ranks(trainer)  # first: a child's non-zero exit must not get this one killed

@@ -38,6 +38,8 @@ from test_fault_tolerance import (
 
 from lmm.checkpoints.atomic import partial_path
 from lmm.checkpoints.integrity import damage
+from lmm.checkpoints.lightning_io import SafeCheckpointIO
+from lmm.errors import CheckpointWriteError
 from lmm.train.fault_tolerance import SIGTERM_EXIT_STATUS
 from lmm.train.preflight import estimate_checkpoint_bytes
 
@@ -155,6 +157,24 @@ def test_checkpoint_size_estimate_bounds_the_file_torch_wrote(uninterrupted):
     ckpt, _, estimate = uninterrupted
     written = (ckpt / "last.ckpt").stat().st_size
     assert written <= estimate <= 1.3 * written, (written, estimate)
+
+
+def test_a_save_on_a_full_then_read_only_disk_raises_one_error_that_says_so(tmp_path):
+    """The issue's reproduction: 400 kB of zeros into a 64 kB tmpfs (torch's zip writer reports
+    'unexpected pos'), then the same tmpfs read-only (the temporary file's cleanup fails too)."""
+    with tmpfs(tmp_path / "disk", "64k") as disk:
+        last = disk / "last.ckpt"
+        with pytest.raises(CheckpointWriteError) as info:
+            SafeCheckpointIO().save_checkpoint({"w": torch.zeros(100_000)}, last)
+        message = str(info.value)
+        assert message.startswith(
+            f"{last}: no space left on the device: the checkpoint needs about 4"
+        )
+        assert f"free in {disk}" in message and info.value.__suppress_context__  # one traceback
+        assert not last.exists() and not partial_path(last).exists()
+        remount(disk, "ro")
+        with pytest.raises(CheckpointWriteError, match=f"{disk} is on a read-only file system"):
+            SafeCheckpointIO().save_checkpoint({"w": torch.zeros(10)}, last)
 
 
 def test_full_disk_before_training_stops_with_the_numbers(tiny_models, tiny_world, tmp_path):

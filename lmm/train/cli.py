@@ -102,11 +102,14 @@ def _check_last_is_there(callback: FaultTolerantCheckpoint) -> None:
     if last.exists() or not previous.is_file():
         return
     step = saved_step(previous)
-    state = f"(step {step}) loads" if step is not None else "is there but does not load either"
-    raise CorruptCheckpointError(
-        f"{last}: missing, and {previous} {state}: resume from it with --ckpt_path {previous}, or "
-        "move it away to start from scratch"
-    )
+    if step is None:
+        advice = f"{previous} does not load either: move it away to start from scratch"
+    else:
+        advice = (
+            f"{previous} (step {step}) loads: resume from it with --ckpt_path {previous}, or move "
+            "it away to start from scratch"
+        )
+    raise CorruptCheckpointError(f"{last}: missing, and {advice}")
 
 
 def _own_message(err: Exception) -> str:

@@ -26,8 +26,8 @@ def hold_child_ranks(trainer: Any) -> None:
     """Take the ranks this process started away from Lightning's watcher (which watches
     ``launcher.procs`` itself; emptied, it stops): from now on :func:`wait_for_child_ranks`
     answers for them. Nothing to do on a rank that started none."""
-    procs = getattr(getattr(trainer, "strategy", None), "launcher", None)
-    procs = getattr(procs, "procs", None)
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    procs = getattr(launcher, "procs", None)
     if procs:
         _held.extend(procs)
         procs.clear()

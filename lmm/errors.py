@@ -81,6 +81,19 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint that would need unpickling arbitrary Python objects to load."""
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read (empty, truncated, overwritten), or ``last.ckpt``
+    missing while an older checkpoint is there; the message names a loadable one if any."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint of another model, freeze policy or data plan than this run's."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint cannot be written: no space left, a read-only file system, no permission."""
+
+
 class CheckpointError(ValueError):
     """A directory given as ``--ckpt`` is not a usable lmm checkpoint directory."""
 

@@ -113,8 +113,16 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, tiny_models, tiny
     assert not marker.exists()
 
     # `python -m lmm fit --ckpt_path`: LightningCLI reads the hyperparameters, the Trainer the rest.
+    with pytest.raises(SystemExit) as info:
+        LMMCLI(args=fit_args(tmp_path, tiny_models, tiny_world, evil))
+    assert info.value.code == 1
+    assert f"error: {evil}: refused: it holds pickled Python objects" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def fit_args(tmp_path, tiny_models, tiny_world, ckpt_path: Path) -> list[str]:
     root = tiny_world[0]
-    args = [
+    return [
         "fit",
         "--model.vision.name_or_path",
         str(tiny_models["vision"]),
@@ -135,13 +143,21 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, tiny_models, tiny
         "--trainer.default_root_dir",
         str(tmp_path),
         "--ckpt_path",
-        str(evil),
+        str(ckpt_path),
     ]
+
+
+def test_an_empty_checkpoint_file_is_corrupt_not_unsafe(tmp_path, tiny_models, tiny_world, capsys):
+    """torch raises a bare EOFError for it; LightningCLI reads --ckpt_path before any model."""
+    empty = tmp_path / "empty.ckpt"
+    empty.touch()
+    with pytest.raises(EOFError):
+        torch.load(empty, weights_only=True)
     with pytest.raises(SystemExit) as info:
-        LMMCLI(args=args)
+        LMMCLI(args=fit_args(tmp_path, tiny_models, tiny_world, empty))
     assert info.value.code == 1
-    assert f"error: {evil}: refused: it holds pickled Python objects" in capsys.readouterr().err
-    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert f"error: {empty}: corrupt checkpoint: the file is empty (0 bytes)" in err, err[-2000:]
 
 
 def write_shard(path: Path, member: str, marker: Path) -> str:

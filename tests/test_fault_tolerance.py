@@ -94,7 +94,7 @@ def reference(tiny_models, tiny_world, tmp_path_factory) -> dict[str, torch.Tens
     return weights(cli)
 
 
-def start_fit(config: Path, log: Path) -> subprocess.Popen:
+def start_fit(config: Path, log: Path, *args: str) -> subprocess.Popen:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -106,7 +106,7 @@ def start_fit(config: Path, log: Path) -> subprocess.Popen:
     }
     with open(log, "wb") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "lmm", "fit", "--config", str(config)],
+            [sys.executable, "-m", "lmm", "fit", "--config", str(config), *args],
             cwd=config.parent,
             env=env,
             stdout=out,
@@ -209,6 +209,7 @@ def test_checkpoints_by_steps_and_by_time_land_on_step_boundaries(
     )
     assert sorted(p.name for p in by_steps.iterdir()) == [
         "last.ckpt",
+        "previous.ckpt",  # the last.ckpt of step 6 (keep_previous)
         "step=3.ckpt",
         "step=6.ckpt",
         "step=7.ckpt",
@@ -229,7 +230,8 @@ def test_checkpoints_by_steps_and_by_time_land_on_step_boundaries(
         )
     )
     names = sorted(p.name for p in by_time.iterdir())
-    assert names == ["last.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]
+    assert names == ["last.ckpt", "previous.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]
+    assert checkpoint_step(by_time / "previous.ckpt") == 2
     for step in (1, 2, 3):
         saved = torch.load(by_time / f"step={step}.ckpt", weights_only=True)
         assert saved["global_step"] == step and saved["LMMDataModule"]["batches"] == 2 * step

@@ -5,6 +5,7 @@ Kept free of heavy imports so a test can crash a process in the middle of a writ
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -34,7 +35,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # The write's error is the one to report: a cleanup that fails too (a read-only file
+        # system answers EROFS even for a file that was never created) only leaves a stale
+        # partial file, which the next write replaces.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 

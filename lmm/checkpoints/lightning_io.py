@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
-import pickle
 from typing import Any, Callable, Optional
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from lmm.checkpoints.atomic import atomic_write
+from lmm.checkpoints.disk import checkpoint_bytes, write_error
+from lmm.checkpoints.integrity import load_error
 from lmm.errors import UnsafeCheckpointError
 
 
@@ -24,10 +25,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
       over the target (``lmm.checkpoints.atomic``): a crash mid-save leaves the previous checkpoint intact.
       (Lightning's own writer stages in the system temp dir, which on another file system turns
       the final move into a copy that a crash can cut short.) Remote URLs keep Lightning's
-      writer.
+      writer. A write that fails for want of space or permission raises
+      :class:`~lmm.errors.CheckpointWriteError` naming the file, the directory and the numbers.
     - Loading always uses ``torch.load(weights_only=True)``: tensors, containers and plain
       values only. A checkpoint holding any other object is refused with
-      :class:`UnsafeCheckpointError`; asking for ``weights_only=False`` is an error.
+      :class:`UnsafeCheckpointError`; asking for ``weights_only=False`` is an error. A damaged
+      file (empty, truncated, overwritten) raises :class:`~lmm.errors.CorruptCheckpointError`
+      naming an older checkpoint of the same directory that loads.
     """
 
     def save_checkpoint(
@@ -38,7 +42,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (path {path})")
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
+        try:
+            atomic_write(path, lambda f: torch.save(checkpoint, f))
+        except Exception as err:
+            failure = write_error(path, err, needed=checkpoint_bytes(checkpoint))
+            if failure is None:
+                raise
+            raise failure from None
 
     def load_checkpoint(
         self,
@@ -53,17 +63,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
             )
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise refusal(path, err) from None
-
-
-def refusal(path: Any, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
-    """The error for a checkpoint that ``torch.load(weights_only=True)`` would not load."""
-    return UnsafeCheckpointError(
-        f"{path}: refused: it holds pickled Python objects that only unpickling (running code) could restore, "
-        "and lmm loads checkpoints with torch.load(weights_only=True). Re-save it with tensors, containers and "
-        f"plain values only. ({str(err).splitlines()[0]})"
-    )
+        except Exception as err:
+            failure = load_error(path, err)
+            if failure is None:
+                raise
+            raise failure from None
 
 
 def use_safe_checkpoint_io(trainer: Any) -> None:

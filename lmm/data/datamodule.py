@@ -27,7 +27,7 @@ from lmm.data.shards import (
 )
 from lmm.data.templates import get_template
 from lmm.data.tokenization import Tokenization
-from lmm.errors import ConfigError
+from lmm.errors import CheckpointMismatchError, ConfigError
 
 log = logging.getLogger("lmm")
 
@@ -408,7 +408,7 @@ class LMMDataModule(L.LightningDataModule):
         if differs:
             what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differs.items())
             if self.strict_resume:
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"data: the checkpoint's data position (epoch {state['epoch']}, batch {state['batches']}) belongs "
                     f"to another epoch plan ({what}); exact resume needs the same data.train shards and weights, "
                     "data.batch_size, data.seed, shuffling, grouping and number of devices. Set "

@@ -6,32 +6,50 @@ LightningCLI's ``predict`` subcommand (which needs a ``predict_step``) is not of
 
 from __future__ import annotations
 
-import pickle
 import sys
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, NoReturn, Optional
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmm.checkpoints.lightning_io import refusal, use_safe_checkpoint_io
+from lmm.checkpoints.integrity import load_error, saved_step
+from lmm.checkpoints.lightning_io import use_safe_checkpoint_io
 from lmm.data.datamodule import LMMDataModule
 from lmm.errors import (
     BadDataError,
+    CheckpointMismatchError,
+    CheckpointWriteError,
     ConfigError,
+    CorruptCheckpointError,
     MissingWeightsError,
     NonFiniteError,
     UnsafeCheckpointError,
     UnsafeShardError,
 )
-from lmm.train.fault_tolerance import SIGTERM_EXIT_STATUS
+from lmm.train.fault_tolerance import SIGTERM_EXIT_STATUS, FaultTolerantCheckpoint
 from lmm.train.module import LMMModule
 from lmm.train.nonfinite import NonFiniteGuard
+from lmm.train.preflight import CheckpointPreflight
 from lmm.train.progress import ProgressLog
+from lmm.train.ranks import (
+    ERROR_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    hold_child_ranks,
+    wait_for_child_ranks,
+)
 
 VARIANT_PLACEHOLDER = "{variant}"
 # Faults that end a run on purpose, with a message that says what happened and what to do.
-RUN_STOPPERS = (NonFiniteError, BadDataError, UnsafeShardError, UnsafeCheckpointError)
+RUN_STOPPERS = (
+    NonFiniteError,
+    BadDataError,
+    UnsafeShardError,
+    UnsafeCheckpointError,
+    CorruptCheckpointError,
+    CheckpointWriteError,
+)
 LIGHTNING_DESCRIPTION = (
     "lmm's Lightning Trainer commands: fit, validate and test from YAML recipes (--config) with every "
     "model/data/trainer field as a typed option. lmm's other commands (predict, score, tiny, chat, export, "
@@ -77,6 +95,23 @@ def substitute_variant(node: Any, variant: Optional[str], key: str = "") -> Any:
     return node
 
 
+def _check_last_is_there(callback: FaultTolerantCheckpoint) -> None:
+    """``--ckpt_path last`` finds no last.ckpt, but the checkpoint before it is there: stop rather
+    than start from scratch (Lightning's choice when it finds none)."""
+    last, previous = Path(callback.last_path), Path(callback.previous_path)
+    if last.exists() or not previous.is_file():
+        return
+    step = saved_step(previous)
+    if step is None:
+        advice = f"{previous} does not load either: move it away to start from scratch"
+    else:
+        advice = (
+            f"{previous} (step {step}) loads: resume from it with --ckpt_path {previous}, or move "
+            "it away to start from scratch"
+        )
+    raise CorruptCheckpointError(f"{last}: missing, and {advice}")
+
+
 def _own_message(err: Exception) -> str:
     """The error's message; for one re-raised from a DataLoader worker (PyTorch puts the worker's
     traceback in the message), the original message, from the traceback's last line."""
@@ -95,7 +130,7 @@ class LMMCLI(LightningCLI):
                 LMMModule,
                 LMMDataModule,
                 seed_everything_default=0,
-                trainer_defaults={"callbacks": [ProgressLog()]},
+                trainer_defaults={"callbacks": [ProgressLog(), CheckpointPreflight()]},
                 save_config_kwargs={"overwrite": True},
                 parser_kwargs={"prog": "python -m lmm", "description": LIGHTNING_DESCRIPTION},
                 args=args,
@@ -103,17 +138,53 @@ class LMMCLI(LightningCLI):
             )
         except SIGTERMException:
             # Preempted: lmm.train.fault_tolerance.FaultTolerantCheckpoint (if configured) has saved and said where.
-            print("stopped by SIGTERM", file=sys.stderr)
-            raise SystemExit(SIGTERM_EXIT_STATUS) from None
+            self._exit(
+                "stopped by SIGTERM", SIGTERM_EXIT_STATUS, STOP_TIMEOUT_S, SIGTERM_EXIT_STATUS
+            )
         except RUN_STOPPERS as err:
-            print(f"error: {_own_message(err)}", file=sys.stderr)
-            raise SystemExit(1) from None
-        except pickle.UnpicklingError as err:
-            # LightningCLI reads --ckpt_path's hyperparameters itself (with weights_only=True) first.
-            config = getattr(self, "config", None) or {}
-            ckpt = (config.get(str(config.get("subcommand")), None) or {}).get("ckpt_path")
-            print(f"error: {refusal(ckpt, err)}", file=sys.stderr)
-            raise SystemExit(1) from None
+            self._exit(f"error: {_own_message(err)}", 1, ERROR_TIMEOUT_S)
+        except CheckpointMismatchError as err:
+            self._exit(f"error: {self._ckpt_path()}: {err}", 1, ERROR_TIMEOUT_S)
+        # A run that ended well: the other ranks are finishing too.
+        self._report_ranks(wait_for_child_ranks(getattr(self, "trainer", None), STOP_TIMEOUT_S, 0))
+
+    def _exit(
+        self, message: str, status: int, timeout_s: float, expected: Optional[int] = None
+    ) -> NoReturn:
+        """Print ``message``, wait for the ranks this process started (lmm.train.ranks), exit."""
+        trainer = getattr(self, "trainer", None)
+        hold_child_ranks(trainer)  # first: a child's non-zero exit must not get this one killed
+        print(message, file=sys.stderr, flush=True)
+        self._report_ranks(wait_for_child_ranks(trainer, timeout_s, expected))
+        raise SystemExit(status) from None
+
+    @staticmethod
+    def _report_ranks(problems: list[str]) -> None:
+        for line in problems:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    def _ckpt_path(self) -> Any:
+        trainer = getattr(self, "trainer", None)
+        config = getattr(self, "config", None) or {}
+        given = (config.get(str(config.get("subcommand")), None) or {}).get("ckpt_path")
+        return getattr(trainer, "ckpt_path", None) or given
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyperparameters itself (torch.load, weights_only=True)
+        # before any model is built; a file that does not load says why as the Trainer would.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            failure = load_error(self._ckpt_path(), err)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def before_fit(self) -> None:
+        if self._ckpt_path() == "last":
+            for callback in self.trainer.checkpoint_callbacks:
+                if isinstance(callback, FaultTolerantCheckpoint):
+                    _check_last_is_there(callback)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -17,6 +17,7 @@ from lmm.checkpoints.directory import save_checkpoint_dir
 from lmm.checkpoints.weights import load_weights, save_weights
 from lmm.data.encode import Processor
 from lmm.data.templates import stop_token_ids
+from lmm.errors import CheckpointMismatchError
 from lmm.eval.results import is_correct, pooled_pope_auc, score_eval_set, summary_table
 from lmm.inference.likelihood import Candidates, candidate_probs, candidates_for
 from lmm.inference.ordering import gather_in_order
@@ -326,17 +327,30 @@ class LMMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resume_rng = checkpoint.get("rng_states")
         if checkpoint.get("lmm_trainable_only") and not self.checkpoint_trainable_only:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 "this checkpoint holds only the trainable weights of its stage; resume it with "
                 "model.checkpoint_trainable_only=true and the same models, init_from and freeze policy"
             )
         if self.checkpoint_trainable_only:
             missing = sorted(self._trainable_state_keys() - set(checkpoint.get("state_dict", {})))
             if missing:
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"the checkpoint lacks {len(missing)} weight(s) this stage trains, e.g. {missing[:3]}: it was "
                     "saved under another freeze policy (resume with the policy it was trained with)"
                 )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            if "Error(s) in loading state_dict" not in str(err):
+                raise
+            # torch lists every key; the first few say enough.
+            lines = str(err).replace("\n\t", "\n").splitlines()[1:4]
+            raise CheckpointMismatchError(
+                f"its weights do not fit this model ({' '.join(line[:200] for line in lines)}): resume "
+                "it with the models, connector and freeze policy it was trained with"
+            ) from None
 
     def _trainable_state_keys(self) -> set[str]:
         """State-dict keys of the parameters this stage trains."""

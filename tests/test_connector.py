@@ -308,6 +308,7 @@ def test_qformer_one_fit_step_through_the_cli(tiny_models, tiny_world, tmp_path)
         "--model.connector.name", "qformer", "--model.connector.num_queries", "4",
         "--model.connector.num_layers", "2", "--model.connector.hidden_size", "16",
         "--model.connector.heads", "2",
+        "--model.optim.warmup_ratio", "0",  # the first step at lr 0 would not move anything
         "--data.train", f"[{root}/pretrain/shard-*.tar]", "--data.batch_size", "2",
         "--data.num_workers", "0", "--data.max_length", "64",
         "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.max_steps", "1",

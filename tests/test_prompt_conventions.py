@@ -68,7 +68,14 @@ def _training_prompt_ids(ckpt) -> list[int]:
     world sample), which must also be the start of the training sequence."""
     m = ckpt.model
     processor = Processor(m.tokenizer, m.vision.image_spec, m.num_image_tokens, m.image_token_id)
-    encoder = SampleEncoder(processor, ckpt.template, 256)
+    conv = ckpt.conventions  # as the tiny configs train: image_placement as_written, single_pass
+    encoder = SampleEncoder(
+        processor,
+        ckpt.template,
+        256,
+        image_placement=conv.image_placement,
+        tokenization=conv.tokenization,
+    )
     meta = {
         "id": "s",
         "conversations": [

@@ -38,7 +38,7 @@ EXTRA_COMMANDS = {
     ),
     "export": (
         "lmm.commands.export:main",
-        "write a checkpoint directory as a Hugging Face LLaVA model (--ckpt DIR --out DIR)",
+        "write a checkpoint directory as a Hugging Face LLaVA or LLaVA-OneVision model (--ckpt DIR --out DIR)",
     ),
     "import": (
         "lmm.commands.import_:main",

@@ -51,6 +51,7 @@ from lmm.constants import IMAGE_TOKEN
 from lmm.data.templates import stop_token_ids
 from lmm.errors import ExportError
 from lmm.model.connectors import as_connector_config
+from lmm.model.language import add_special_token
 from lmm.model.towers import VisionConfig
 from lmm.registry import Registry
 
@@ -293,13 +294,9 @@ def _pinpoints(layout) -> tuple[list[list[int]], str]:
 def _video_tokenizer(ckpt, llm_state: dict, text_config: dict):
     """A copy of the tokenizer with OneVision's ``<video>`` token; embedding rows added (the mean
     row, as the importer adds them) when the LM has no spare row for it."""
-    from lmm.model.language import _extra_special_tokens
-
     tok = copy.deepcopy(ckpt.model.tokenizer)
     if VIDEO_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens(
-            {"additional_special_tokens": [*_extra_special_tokens(tok), VIDEO_TOKEN]}
-        )
+        add_special_token(tok, VIDEO_TOKEN)
     embed = ckpt.model.llm.get_input_embeddings()
     embed_key = (
         "model.language_model." + _prefix_of(ckpt.model.llm.get_decoder(), embed) + ".weight"

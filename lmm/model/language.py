@@ -49,14 +49,17 @@ def prepare_tokenizer(tok, name: str):
     if tok.eos_token is None:
         raise ValueError(f"tokenizer of {name!r} has no eos token; conversation turns need one")
     if IMAGE_TOKEN not in tok.get_vocab():
-        # Extend, not replace, the extra special tokens (e.g. Qwen2's <|im_start|>, Gemma's
-        # <start_of_turn>), so they stay special for decoding.
-        tok.add_special_tokens(
-            {"additional_special_tokens": [*_extra_special_tokens(tok), IMAGE_TOKEN]}
-        )
+        add_special_token(tok, IMAGE_TOKEN)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok
+
+
+def add_special_token(tok, token: str) -> None:
+    """Add ``token`` as a special token. The tokenizer's other extra special tokens (e.g. Qwen2's
+    ``<|im_start|>``, Gemma's ``<start_of_turn>``) are kept, not replaced, so they stay special
+    for decoding."""
+    tok.add_special_tokens({"additional_special_tokens": [*_extra_special_tokens(tok), token]})
 
 
 def _extra_special_tokens(tok) -> list[str]:

@@ -53,7 +53,7 @@ RUN_STOPPERS = (
 LIGHTNING_DESCRIPTION = (
     "lmm's Lightning Trainer commands: fit, validate and test from YAML recipes (--config) with every "
     "model/data/trainer field as a typed option. lmm's other commands (predict, score, tiny, chat, export, "
-    "checkpoint) are listed by `python -m lmm --help`."
+    "import, checkpoint) are listed by `python -m lmm --help`."
 )
 
 

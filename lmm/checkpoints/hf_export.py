@@ -46,7 +46,7 @@ from lmm.checkpoints.directory import (
     resolve_part,
 )
 from lmm.checkpoints.formats.common import PROMPTING_FILE, prompting_record
-from lmm.checkpoints.hf_files import make_portable, write_hub_weights
+from lmm.checkpoints.hf_files import make_portable, state_mismatch, write_hub_weights
 from lmm.constants import IMAGE_TOKEN
 from lmm.data.templates import stop_token_ids
 from lmm.errors import ExportError
@@ -367,7 +367,7 @@ def _write(hf_class, config, state: dict, ckpt: Checkpoint, out: Path, dtype) ->
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    missing, unexpected, bad = state_mismatch(state, expected)
     if missing or unexpected:
         first = (missing + unexpected)[0]
         part = first.split(".")[1] if first.startswith("model.") else "llm"
@@ -375,7 +375,6 @@ def _write(hf_class, config, state: dict, ckpt: Checkpoint, out: Path, dtype) ->
             f"model.{part}: the transformers layout does not match lmm's weights "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    bad = [k for k in state if tuple(state[k].shape) != tuple(expected[k].shape)]
     if bad:
         raise ExportError(
             f"tensor {bad[0]!r}: lmm has {tuple(state[bad[0]].shape)}, "

@@ -98,3 +98,14 @@ def make_portable(out: Path) -> None:
     if isinstance(extra, list):
         tok["additional_special_tokens"] = tok.pop("extra_special_tokens")
     tok_file.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def state_mismatch(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` differs from the tensors a transformers class declares (``expected``):
+    the missing and unexpected keys (sorted), and the shared keys whose shapes differ."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    return missing, unexpected, bad

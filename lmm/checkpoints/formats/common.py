@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from lmm.checkpoints.hf_files import write_safetensors
+from lmm.checkpoints.hf_files import state_mismatch, write_safetensors
 from lmm.constants import IMAGE_TOKEN
 from lmm.data.prompts import PromptConventions
 from lmm.errors import ImportFormatError
@@ -359,14 +359,14 @@ def prompting_record(ckpt, vision: VisionConfig) -> dict:
 def _check_keys(state: dict, expected: dict, what: str, tied: set[str] = frozenset()) -> None:
     """``state`` must hold exactly the tensors the transformers class declares, with its shapes."""
     want = {k: v for k, v in expected.items() if k not in tied}
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want) - set(tied))
+    missing, unexpected, bad = state_mismatch(
+        {k: v for k, v in state.items() if k not in tied}, want
+    )
     if missing or unexpected:
         raise ImportFormatError(
             f"{what}: the weights do not match the transformers class (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); the checkpoint's config and weights disagree"
         )
-    bad = [k for k in want if tuple(state[k].shape) != tuple(want[k].shape)]
     if bad:
         raise ImportFormatError(
             f"{what}: tensor {bad[0]!r} has shape {tuple(state[bad[0]].shape)}, the config gives "
